@@ -1,0 +1,1 @@
+"""DreamBooth (Ruiz et al., CVPR 2023) with PyTorch Lightning and Hydra."""

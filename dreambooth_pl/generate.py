@@ -1,0 +1,57 @@
+"""Render prompts with an exported pipeline: `python -m dreambooth_pl.generate pipeline=/path/to/pipeline`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dreambooth_pl.export import read_run_info
+from dreambooth_pl.images import image_grid, save_atomically
+from dreambooth_pl.models import load_pipeline
+from dreambooth_pl.prompts import fill_prompt
+from dreambooth_pl.sampling import SamplerSettings, render
+
+log = logging.getLogger(__name__)
+
+
+def generate(
+    pipeline: str,
+    prompts: list[str],
+    output_dir: str,
+    sampler: SamplerSettings | dict,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Save one PNG per image and a grid (a row per prompt); return the grid's path.
+
+    Templates may use {identifier} and {class_noun}: they are filled from the run's dreambooth.json.
+    """
+    info = read_run_info(pipeline)
+    filled = [fill_prompt(t, info.get("identifier", ""), info.get("class_noun", "")) for t in prompts]
+    settings = sampler if isinstance(sampler, SamplerSettings) else SamplerSettings(**sampler)
+    rows = [p for p in filled for _ in range(images_per_prompt)]
+    seeds = [seed + i % images_per_prompt for i in range(len(rows))]
+    out = Path(output_dir)
+    images = []
+    for index, image in render(load_pipeline(pipeline, device, dtype), rows, seeds, settings, desc="generate"):
+        prompt_index, image_index = divmod(index, images_per_prompt)
+        save_atomically(image, out / f"p{prompt_index:02d}_{image_index:02d}.png")
+        images.append(image)
+    (out / "prompts.txt").write_text("\n".join(filled) + "\n")
+    grid = save_atomically(image_grid(images, cols=images_per_prompt), out / "grid.png")
+    log.info("Wrote %d images and %s", len(images), grid)
+    return grid
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    generate(**hydra.utils.instantiate(cfg.generate, _convert_="all"))
+
+
+if __name__ == "__main__":
+    main()

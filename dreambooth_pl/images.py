@@ -1,0 +1,115 @@
+"""Image files in and out with PIL and numpy only (no torchvision)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class ImageFolderError(ValueError):
+    """A folder of training images is missing, empty or holds an unreadable file."""
+
+
+def list_images(folder: str | os.PathLike, option: str = "subject.instance_dir") -> list[Path]:
+    """Image files of a folder, sorted; other files are skipped with a note."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ImageFolderError(f"{option}={str(folder)!r}: folder does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    skipped = [p.name for p in files if p not in images]
+    if skipped:
+        log.info("%s: skipping non-image files %s", folder, ", ".join(skipped))
+    if not images:
+        raise ImageFolderError(f"{option}={str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+    return images
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any PIL-readable image as upright RGB, compositing transparency on white."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ImageFolderError(f"{path}: cannot read image ({err}).") from err
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1.0
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) * scale).clip(0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def save_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write to a temporary name and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def is_readable_image(path: str | os.PathLike) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return False
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % cols) * width, (index // cols) * height))
+    return grid
+
+
+class ImageTransform:
+    """Resize the short side, crop to a square and scale to [-1, 1] as the VAE expects."""
+
+    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = False):
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng or random
+        scale = self.resolution / min(image.size)
+        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        if self.center_crop:
+            left, top = (size[0] - self.resolution) // 2, (size[1] - self.resolution) // 2
+        else:
+            left, top = rng.randint(0, size[0] - self.resolution), rng.randint(0, size[1] - self.resolution)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = ImageOps.mirror(image)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()

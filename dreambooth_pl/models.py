@@ -1,0 +1,198 @@
+"""Loading Stable-Diffusion-style components, and building random-weight ones offline.
+
+Every model, real or tiny, goes through `load_components`: a random model is first saved in
+diffusers layout and then loaded back with `from_pretrained`, so tests exercise the real code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from omegaconf import OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
+
+log = logging.getLogger(__name__)
+
+PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelNotReachable(RuntimeError):
+    """The configured weights are neither a local diffusers folder nor downloadable."""
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+
+
+def check_pretrained(pretrained: str) -> None:
+    """Fail before any expensive work when a local folder is not a diffusers pipeline."""
+    path = Path(pretrained).expanduser()
+    looks_local = path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise ModelNotReachable(f"model.pretrained={pretrained!r}: no such folder.")
+    missing = [name for name in ("model_index.json", *PIPELINE_SUBFOLDERS) if not (path / name).exists()]
+    if missing:
+        raise ModelNotReachable(
+            f"model.pretrained={pretrained!r} is not a diffusers pipeline folder (missing: {', '.join(missing)}). "
+            "Point it at a folder written by `StableDiffusionPipeline.save_pretrained`."
+        )
+
+
+def _from_pretrained(cls, pretrained: str, subfolder: str, **kwargs):
+    try:
+        return cls.from_pretrained(pretrained, subfolder=subfolder, **kwargs)
+    except OSError as err:
+        raise ModelNotReachable(
+            f"Could not load '{subfolder}' of model.pretrained={pretrained!r}: {err}\n"
+            "Without network access the Hugging Face Hub is not reachable: download the model elsewhere "
+            "(`huggingface-cli download <id> --local-dir /path`) and set model.pretrained=/path, "
+            "or use model=tiny, which needs no download."
+        ) from err
+
+
+def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenizer:
+    check_pretrained(pretrained)
+    return _from_pretrained(CLIPTokenizer, pretrained, "tokenizer", revision=revision)
+
+
+def load_components(pretrained: str, revision: str | None = None, variant: str | None = None) -> Components:
+    check_pretrained(pretrained)
+    weights = {"revision": revision, "variant": variant}
+    return Components(
+        unet=_from_pretrained(UNet2DConditionModel, pretrained, "unet", **weights),
+        vae=_from_pretrained(AutoencoderKL, pretrained, "vae", **weights),
+        text_encoder=_from_pretrained(CLIPTextModel, pretrained, "text_encoder", **weights),
+        tokenizer=load_tokenizer(pretrained, revision),
+        noise_scheduler=_from_pretrained(DDPMScheduler, pretrained, "scheduler", revision=revision),
+    )
+
+
+def load_pipeline(
+    pretrained: str, device: str | None = None, dtype: str | None = None, revision: str | None = None
+) -> StableDiffusionPipeline:
+    """A whole pipeline for inference; dtype is a torch dtype name such as "float16"."""
+    check_pretrained(pretrained)
+    extra = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        pretrained,
+        revision=revision,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **extra,
+    )
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def assemble_pipeline(components: Components, **overrides: Any) -> StableDiffusionPipeline:
+    """A pipeline sharing the given modules (no copies), without a safety checker."""
+    parts = {
+        "unet": components.unet,
+        "vae": components.vae,
+        "text_encoder": components.text_encoder,
+        "tokenizer": components.tokenizer,
+        "scheduler": components.noise_scheduler,
+        **overrides,
+    }
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_pipeline_atomically(
+    pipe: StableDiffusionPipeline, target: str | os.PathLike, extra_files: dict[str, str] | None = None
+) -> Path:
+    """Write into a sibling temporary folder and rename, so a crash never leaves half a model."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tokenizer_from_config(words: list[str], clip_bpe: str | None, model_max_length: int) -> CLIPTokenizer:
+    vocab, merges = clip_vocab_from_bpe(clip_bpe) if clip_bpe else word_vocab(words)
+    return build_clip_tokenizer(vocab, merges, model_max_length=model_max_length)
+
+
+def build_random_pipeline(
+    cache_dir: str,
+    seed: int,
+    tokenizer: dict,
+    text_encoder: dict,
+    unet: dict,
+    vae: dict,
+    scheduler: dict,
+) -> str:
+    """Build an SD-architecture pipeline with random weights, once per config, and return its folder.
+
+    The folder name hashes the whole config, so any change gives a new model and class images
+    cached under the old one are never reused by mistake.
+    """
+    spec = {
+        "seed": seed,
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "unet": unet,
+        "vae": vae,
+        "scheduler": scheduler,
+    }
+    spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    target = Path(cache_dir) / f"random-sd-{digest}"
+    if (target / "model_index.json").exists():
+        return str(target)
+
+    log.info("Building a random-weight pipeline in %s", target)
+    tok = _tokenizer_from_config(**spec["tokenizer"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_model = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                max_position_embeddings=tok.model_max_length,
+                **spec["text_encoder"],
+            )
+        )
+        components = Components(
+            unet=UNet2DConditionModel(**spec["unet"]),
+            vae=AutoencoderKL(**spec["vae"]),
+            text_encoder=text_model,
+            tokenizer=tok,
+            noise_scheduler=DDPMScheduler(**spec["scheduler"]),
+        )
+    save_pipeline_atomically(assemble_pipeline(components), target)
+    return str(target)

@@ -1,0 +1,152 @@
+"""The DreamBooth LightningModule: frozen VAE (and text encoder), trainable UNet, combined loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dreambooth_pl.losses import (
+    DreamBoothLoss,
+    dreambooth_loss,
+    offset_noise,
+    prediction_target,
+    snr_weights,
+)
+from dreambooth_pl.models import Components, assemble_pipeline, load_components
+
+HALF_PRECISIONS = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+class DreamBoothModule(L.LightningModule):
+    def __init__(
+        self,
+        pretrained: str,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        prior_weight: float = 1.0,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        train_text_encoder: bool = False,
+        gradient_checkpointing: bool = False,
+        revision: str | None = None,
+        variant: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        parts = load_components(pretrained, revision=revision, variant=variant)
+        self.unet = parts.unet
+        self.vae = parts.vae
+        self.text_encoder = parts.text_encoder
+        self.tokenizer = parts.tokenizer
+        self.noise_scheduler = parts.noise_scheduler
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.prior_weight = prior_weight
+        self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
+        self.train_text_encoder = train_text_encoder
+
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        # Frozen weights are not saved in checkpoints (they come from `pretrained`), so load non-strictly.
+        self.strict_loading = False
+
+    @property
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        return ("vae.",) if self.train_text_encoder else ("vae.", "text_encoder.")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        modules = [self.unet, self.text_encoder] if self.train_text_encoder else [self.unet]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        """Frozen models run in the compute dtype of half-precision training to save memory."""
+        half = next((d for k, d in HALF_PRECISIONS.items() if str(self.trainer.precision).startswith(k)), None)
+        if half is not None:
+            self.vae.to(half)
+            if not self.train_text_encoder:
+                self.text_encoder.to(half)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.train(mode and self.train_text_encoder)
+        return self
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def compute_loss(
+        self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
+    ) -> DreamBoothLoss:
+        """Noise, timesteps: drawn at random unless given (tests and fixed-noise probes pass them)."""
+        latents = self.encode_images(batch["pixel_values"])
+        if noise is None:
+            noise = offset_noise(torch.randn_like(latents), self.noise_offset)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = self.encode_prompts(batch["prompts"])
+        pred = self.unet(noisy, timesteps, hidden.to(noisy.dtype)).sample
+        prediction_type = self.noise_scheduler.config.prediction_type
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod
+        target = prediction_target(prediction_type, alphas_cumprod, latents, noise, timesteps)
+        weights = None
+        if self.snr_gamma is not None:
+            weights = snr_weights(alphas_cumprod, timesteps, self.snr_gamma, prediction_type)
+        return dreambooth_loss(pred, target, batch["is_prior"].to(pred.device), self.prior_weight, weights)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        size = len(batch["prompts"])
+        self.log("train/loss", loss.total, prog_bar=True, batch_size=size)
+        self.log("train/instance_loss", loss.instance, batch_size=size)
+        if loss.prior is not None:
+            self.log("train/prior_loss", loss.prior, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        if not torch.isfinite(loss.total):
+            raise FloatingPointError(
+                f"Training loss became {loss.total.item()} at step {self.global_step}; "
+                "lower optimizer.lr or enable gradient clipping (trainer.gradient_clip_val)."
+            )
+        return loss.total
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
+            del state[key]
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """An inference pipeline that shares this module's current weights."""
+        parts = Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler)
+        return assemble_pipeline(parts)

@@ -1,0 +1,66 @@
+"""One way to render prompts, shared by class images, training samples and `generate`.
+
+Each image has its own seed and generator, so an image is the same whether it is rendered alone,
+in a batch, or again after a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+from hydra.utils import get_class
+from PIL import Image
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What decides the pixels besides the model and the prompt (part of class-image cache keys)."""
+
+    scheduler: str = "diffusers.EulerAncestralDiscreteScheduler"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    resolution: int = 512
+    batch_size: int = 4
+
+
+def use_scheduler(pipe: StableDiffusionPipeline, scheduler: str) -> StableDiffusionPipeline:
+    """Swap in a sampler class, keeping the model's noise schedule."""
+    pipe.scheduler = get_class(scheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
+@torch.no_grad()
+def render(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: SamplerSettings,
+    desc: str | None = None,
+) -> Iterator[tuple[int, Image.Image]]:
+    """Yield (index, image) for each prompt/seed pair, batch by batch."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    use_scheduler(pipe, settings.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with tqdm(total=len(prompts), desc=desc, unit="img", disable=desc is None) as bar:
+        for start in range(0, len(prompts), settings.batch_size):
+            stop = min(start + settings.batch_size, len(prompts))
+            generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[start:stop]]
+            negative = None if settings.negative_prompt is None else [settings.negative_prompt] * (stop - start)
+            images = pipe(
+                list(prompts[start:stop]),
+                negative_prompt=negative,
+                height=settings.resolution,
+                width=settings.resolution,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=generators,
+            ).images
+            for offset, image in enumerate(images):
+                yield start + offset, image
+            bar.update(stop - start)

@@ -1,0 +1,102 @@
+"""The whole job behind `python train.py`: class images, training, export, final samples."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dreambooth_pl.config_utils import resolve_path
+from dreambooth_pl.export import export_pipeline
+from dreambooth_pl.generate import generate
+from dreambooth_pl.identifier import resolve_identifier
+from dreambooth_pl.models import load_tokenizer
+from dreambooth_pl.prompts import fill_prompt, require_identifier
+
+log = logging.getLogger(__name__)
+
+
+def prior_active(prior: DictConfig) -> bool:
+    """lambda = 0 is prior preservation off: no class images are generated for it."""
+    return bool(prior.enabled) and prior.weight > 0
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject values that would only fail after minutes of work."""
+    problems = []
+    if cfg.model.resolution % 8:
+        problems.append(f"model.resolution={cfg.model.resolution} must be a multiple of 8")
+    if cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
+    if cfg.prior.weight < 0:
+        problems.append(f"prior.weight={cfg.prior.weight} must be >= 0")
+    if prior_active(cfg.prior) and cfg.prior.num_images < 1:
+        problems.append(f"prior.num_images={cfg.prior.num_images} must be >= 1 while prior preservation is on")
+    if prior_active(cfg.prior) and not str(cfg.subject.class_noun or "").strip():
+        problems.append("subject.class_noun is empty but prior preservation needs it (or set prior.enabled=false)")
+    if problems:
+        raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+    require_identifier(cfg.prompts.instance, "prompts.instance")
+
+
+def train(cfg: DictConfig) -> dict:
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    instance_dir = resolve_path(cfg.subject.instance_dir)
+    pretrained = resolve_path(cfg.model.pretrained)
+    tokenizer = load_tokenizer(pretrained, cfg.model.revision)
+    identifier = resolve_identifier(tokenizer, **cfg.identifier)
+    noun = cfg.prompts.instance_class_noun
+    prompts = {
+        "identifier": identifier,
+        "class_noun": noun,
+        "instance": fill_prompt(cfg.prompts.instance, identifier, noun),
+        "class": fill_prompt(cfg.prompts.prior, class_noun=cfg.subject.class_noun),
+        "validation": [fill_prompt(t, identifier, noun) for t in cfg.prompts.validation],
+    }
+    log.info("Instance prompt %r, class prompt %r", prompts["instance"], prompts["class"])
+
+    with_prior = prior_active(cfg.prior)
+    class_dir = cfg.prior.class_dir if with_prior else None
+    class_images = instantiate(cfg.prior.cache, pretrained=pretrained) if with_prior and not class_dir else None
+    datamodule = instantiate(
+        cfg.data,
+        instance_dir=instance_dir,
+        instance_prompt=prompts["instance"],
+        class_prompt=prompts["class"] if with_prior else None,
+        num_class_images=cfg.prior.num_images if with_prior else 0,
+        class_images=class_images,
+        class_dir=class_dir,
+        validation_prompts=prompts["validation"],
+    )
+    module = instantiate(cfg.module, pretrained=pretrained)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams({**run_config, "prompts": prompts})
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    result = {"output_dir": str(output_dir), "global_step": trainer.global_step, **prompts}
+    if trainer.is_global_zero and cfg.export.enabled:
+        run_info = {**prompts, "subject": cfg.subject.name, "base_model": pretrained, "steps": trainer.global_step}
+        result["pipeline"] = str(export_pipeline(module, output_dir / "pipeline", run_info))
+        log.info("Exported the fine-tuned pipeline to %s", result["pipeline"])
+        if cfg.export.samples.prompts:
+            result["samples"] = str(
+                generate(
+                    pipeline=result["pipeline"],
+                    output_dir=str(output_dir / "final_samples"),
+                    **OmegaConf.to_container(cfg.export.samples, resolve=True),
+                )
+            )
+    for logger in loggers:
+        logger.finalize("success")
+    return result

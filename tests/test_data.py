@@ -1,0 +1,96 @@
+"""Image loading and preprocessing with PIL and numpy, on real dataset images and odd files."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_pl.data import DreamBoothDataModule
+from dreambooth_pl.images import ImageFolderError, ImageTransform, list_images, load_rgb
+from tests.conftest import DREAMBOOTH_ROOT, needs_dataset
+
+
+@needs_dataset
+def test_transform_matches_a_plain_pil_reference():
+    path = DREAMBOOTH_ROOT / "dataset" / "dog" / "00.jpg"
+    image = load_rgb(path)
+    image = image.resize((image.width // 8, image.height // 8))  # downscaled for speed
+    tensor = ImageTransform(64)(image)
+
+    scale = 64 / min(image.size)
+    w, h = round(image.width * scale), round(image.height * scale)
+    ref = image.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - 64) // 2, (h - 64) // 2
+    ref = np.asarray(ref.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 127.5 - 1
+    assert tensor.shape == (3, 64, 64)
+    assert torch.allclose(tensor, torch.from_numpy(ref).permute(2, 0, 1))
+    assert -1 <= tensor.min() and tensor.max() <= 1
+
+
+def test_random_flip_and_crop_change_pixels_but_not_shape():
+    image = Image.fromarray(np.arange(48 * 32 * 3, dtype=np.uint8).reshape(32, 48, 3))
+    transform = ImageTransform(32, center_crop=False, random_flip=True)
+    outputs = {transform(image).sum().item() for _ in range(20)}
+    assert len(outputs) > 1
+    assert transform(image).shape == (3, 32, 32)
+
+
+def test_modes_become_upright_rgb(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgba.save(tmp_path / "a.png")
+    out = np.asarray(load_rgb(tmp_path / "a.png"))
+    assert out[1, 1].tolist() == [255, 255, 255]  # transparent -> white, not black
+    assert out[0, 0].tolist() == [0, 0, 255]
+
+    Image.new("I;16", (4, 4), 65535).save(tmp_path / "b.png")
+    assert np.asarray(load_rgb(tmp_path / "b.png"))[0, 0].tolist() == [255, 255, 255]
+
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    assert load_rgb(tmp_path / "c.jpg").mode == "RGB"
+
+    tall = Image.new("RGB", (2, 6), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    tall.save(tmp_path / "d.jpg", exif=exif)
+    assert load_rgb(tmp_path / "d.jpg").size == (6, 2)
+
+
+def test_folder_errors_name_the_folder(tmp_path, caplog):
+    with pytest.raises(ImageFolderError, match="subject.instance_dir=.*missing.*does not exist"):
+        list_images(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(ImageFolderError, match="holds no images"):
+        list_images(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    with caplog.at_level(logging.INFO):
+        assert [p.name for p in list_images(tmp_path)] == ["x.png"]
+    assert "notes.txt" in caplog.text
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ImageFolderError, match="broken.jpg: cannot read image"):
+        DreamBoothDataModule(str(tmp_path), "a sks dog", 8)  # at construction, before any model
+
+
+def test_own_class_images_replace_generation(tmp_path, caplog):
+    instance, classes = tmp_path / "inst", tmp_path / "cls"
+    instance.mkdir()
+    classes.mkdir()
+    Image.new("RGB", (16, 16), "red").save(instance / "0.png")
+    for i in range(3):
+        Image.new("RGB", (16, 16), "blue").save(classes / f"{i}.png")
+    with caplog.at_level(logging.WARNING):
+        dm = DreamBoothDataModule(
+            str(instance), "a sks dog", 8, class_prompt="a dog", num_class_images=2, class_dir=str(classes)
+        )
+    assert "only 1 image" in caplog.text
+    dm.prepare_data()  # nothing to generate
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["is_prior"].tolist() == [False, True]
+    assert batch["pixel_values"][0, 0].mean() == 1 and batch["pixel_values"][1, 2].mean() == 1  # red, blue
+    assert len(dm.dataset) == 2
