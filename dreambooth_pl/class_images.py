@@ -77,6 +77,8 @@ class ClassImageCache:
             return 0
         log.info("Class images: generating %d of %d for %r into %s", len(todo), num_images, prompt, folder)
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.png"):  # temporary files of a run that was killed mid-write
+            stale.unlink()
         paths = self.paths(prompt, num_images)
         pipe = self._load_pipeline()
         try:

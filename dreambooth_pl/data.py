@@ -9,12 +9,69 @@ from pathlib import Path
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dreambooth_pl.class_images import ClassImageCache
-from dreambooth_pl.images import ImageTransform, list_images, load_rgb
+from dreambooth_pl.images import ImageFolderError, ImageTransform, list_images, load_rgb
 
 log = logging.getLogger(__name__)
+
+
+def load_instance_images(folder: str, resolution: int, skip_unreadable: bool = False) -> list[Image.Image]:
+    """Decode the subject's photos up front, so a bad file is reported before any model is loaded."""
+    images = []
+    for path in list_images(folder):
+        try:
+            image = load_rgb(path)
+        except ImageFolderError as err:
+            if not skip_unreadable:
+                raise ImageFolderError(f"{err} Fix or remove it, or set data.skip_unreadable=true.") from err
+            log.warning("Skipping %s (data.skip_unreadable=true)", err)
+            continue
+        if min(image.size) < resolution:
+            log.warning(
+                "%s is %dx%d, smaller than the training resolution %d: it will be upscaled.",
+                path,
+                image.width,
+                image.height,
+                resolution,
+            )
+        images.append(image)
+    if not images:
+        raise ImageFolderError(f"subject.instance_dir={folder!r}: no readable images.")
+    if len(images) < 3:
+        log.warning("%s has only %d image(s); DreamBooth expects 3-5 photos of the subject.", folder, len(images))
+    return images
+
+
+class ResumableSampler(Sampler):
+    """Shuffles per epoch from (seed, epoch) and gives each item its own augmentation seed.
+
+    Order and augmentation depend only on (seed, epoch, position), and `resume_at` = (epoch, items)
+    passes over the items a checkpoint already trained on, so a run resumed mid-epoch sees exactly the
+    items that an uninterrupted run would have.
+    """
+
+    def __init__(self, size: int, seed: int, resume_at: tuple[int, int] | None = None):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.resume_at = resume_at
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) % 2**63)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        item_seeds = torch.randint(0, 2**31 - 1, (self.size,), generator=generator).tolist()
+        start = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.epoch else 0
+        self.resume_at = None
+        for position in range(start, self.size):
+            yield order[position], item_seeds[position]
 
 
 class DreamBoothDataset(Dataset):
@@ -40,9 +97,10 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_paths))
 
-    def __getitem__(self, index: int) -> dict:
-        # Augmentation draws from torch's RNG, which Lightning seeds in the main process and workers.
-        rng = random.Random(int(torch.randint(0, 2**31 - 1, ()).item()))
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        """`key` is (index, augmentation seed), as `ResumableSampler` yields it."""
+        index, seed = key
+        rng = random.Random(seed)
         item = {
             "instance_pixels": self.transform(self.instance_images[index % len(self.instance_images)], rng),
             "instance_prompt": self.instance_prompt,
@@ -80,16 +138,11 @@ class DreamBoothDataModule(L.LightningDataModule):
         class_images: ClassImageCache | None = None,
         class_dir: str | None = None,
         validation_prompts: list[str] | None = None,
+        seed: int = 0,
+        skip_unreadable: bool = False,
     ):
         super().__init__()
-        # Decoded now, so an unreadable photo is reported before any model is loaded.
-        self.instance_images = [load_rgb(p) for p in list_images(instance_dir)]
-        if len(self.instance_images) < 3:
-            log.warning(
-                "%s has only %d image(s); DreamBooth expects 3-5 photos of the subject.",
-                instance_dir,
-                len(self.instance_images),
-            )
+        self.instance_images = load_instance_images(instance_dir, resolution, skip_unreadable)
         self.instance_prompt = instance_prompt
         self.class_prompt = class_prompt
         self.num_class_images = num_class_images
@@ -102,7 +155,11 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.seed = seed
         self.dataset: DreamBoothDataset | None = None
+        self.items_trained = 0  # in the current epoch; saved in checkpoints to resume mid-epoch
+        self._epoch_counted = 0
+        self._resume: dict | None = None
 
     def prepare_data(self) -> None:
         if self.class_dir_paths is None and self.class_images is not None:
@@ -116,11 +173,31 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.instance_images, self.instance_prompt, self.transform, class_paths, self.class_prompt
         )
 
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count items as they reach training (not when prefetched), per epoch."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if epoch != self._epoch_counted:
+            self._epoch_counted, self.items_trained = epoch, 0
+        self.items_trained += int((~batch["is_prior"]).sum())
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch_counted, "items_trained": self.items_trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
+
     def train_dataloader(self) -> DataLoader:
+        resume_at = None
+        if self._resume is not None:
+            resume_at = (self._resume["epoch"], self._resume["items_trained"])
+            self._epoch_counted, self.items_trained = resume_at
+            self._resume = None
+        sampler = ResumableSampler(len(self.dataset), self.seed, resume_at)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             drop_last=len(self.dataset) >= self.batch_size,

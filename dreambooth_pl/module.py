@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -33,6 +34,7 @@ class DreamBoothModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         revision: str | None = None,
         variant: str | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -57,6 +59,11 @@ class DreamBoothModule(L.LightningModule):
                 self.text_encoder.gradient_checkpointing_enable()
         # Frozen weights are not saved in checkpoints (they come from `pretrained`), so load non-strictly.
         self.strict_loading = False
+        # Training noise, timesteps and latent samples come from this generator alone; its state travels
+        # in checkpoints, so a resumed run draws exactly what an uninterrupted one would have.
+        self.seed = seed
+        self.noise_generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None
 
     @property
     def frozen_prefixes(self) -> tuple[str, ...]:
@@ -73,6 +80,12 @@ class DreamBoothModule(L.LightningModule):
             self.vae.to(half)
             if not self.train_text_encoder:
                 self.text_encoder.to(half)
+
+    def on_train_start(self) -> None:
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
+        if self._generator_state is not None:
+            self.noise_generator.set_state(self._generator_state)
+            self._generator_state = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -93,7 +106,7 @@ class DreamBoothModule(L.LightningModule):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample(self.noise_generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
@@ -102,12 +115,11 @@ class DreamBoothModule(L.LightningModule):
     ) -> DreamBoothLoss:
         """Noise, timesteps: drawn at random unless given (tests and fixed-noise probes pass them)."""
         latents = self.encode_images(batch["pixel_values"])
+        draw = {"generator": self.noise_generator, "device": latents.device}
         if noise is None:
-            noise = offset_noise(torch.randn_like(latents), self.noise_offset)
+            noise = offset_noise(torch.randn(latents.shape, **draw), self.noise_offset, self.noise_generator)
         if timesteps is None:
-            timesteps = torch.randint(
-                0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-            )
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), **draw)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = self.encode_prompts(batch["prompts"])
         pred = self.unet(noisy, timesteps, hidden.to(noisy.dtype)).sample
@@ -128,9 +140,12 @@ class DreamBoothModule(L.LightningModule):
             self.log("train/prior_loss", loss.prior, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         if not torch.isfinite(loss.total):
+            # The weights still hold the last good step: keep them before stopping.
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
+            self.trainer.save_checkpoint(path)
             raise FloatingPointError(
-                f"Training loss became {loss.total.item()} at step {self.global_step}; "
-                "lower optimizer.lr or enable gradient clipping (trainer.gradient_clip_val)."
+                f"Training loss became {loss.total.item()} at step {self.global_step}; the last good state is "
+                f"saved in {path}. Lower module.optimizer.lr or set trainer.gradient_clip_val."
             )
         return loss.total
 
@@ -145,6 +160,11 @@ class DreamBoothModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
             del state[key]
+        if self.noise_generator is not None:
+            checkpoint["noise_generator_state"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._generator_state = checkpoint.get("noise_generator_state")
 
     def pipeline(self) -> StableDiffusionPipeline:
         """An inference pipeline that shares this module's current weights."""

@@ -82,7 +82,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({**run_config, "prompts": prompts})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     result = {"output_dir": str(output_dir), "global_step": trainer.global_step, **prompts}
     if trainer.is_global_zero and cfg.export.enabled:

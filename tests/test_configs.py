@@ -144,3 +144,11 @@ def test_ppl_sweep_runs_two_tagged_jobs(tmp_path, cache_dir):
         for i in (0, 1)
     ]
     assert all(t[0] == "ablation_ppl" for t in tags)
+
+
+def test_unknown_subject_lists_the_valid_names(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        compose_train(["subject=teapott"], tmp_path, tmp_path)
+    assert "teapott" in str(err.value) and "teapot" in str(err.value) and "wolf_plushie" in str(err.value)

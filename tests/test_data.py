@@ -94,3 +94,50 @@ def test_own_class_images_replace_generation(tmp_path, caplog):
     assert batch["is_prior"].tolist() == [False, True]
     assert batch["pixel_values"][0, 0].mean() == 1 and batch["pixel_values"][1, 2].mean() == 1  # red, blue
     assert len(dm.dataset) == 2
+
+
+def palette_image() -> Image.Image:
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 0, 128, 0] + [0] * 762)
+    return image
+
+
+def test_every_mode_loads_as_rgb(tmp_path):
+    makers = {
+        "L": Image.new("L", (4, 4), 200),
+        "LA": Image.new("LA", (4, 4), (10, 0)),
+        "P": palette_image(),
+        "RGBA": Image.new("RGBA", (4, 4), (0, 0, 0, 0)),
+        "I;16": Image.new("I;16", (4, 4), 0),
+    }
+    expected = {"L": [200] * 3, "LA": [255] * 3, "P": [0, 128, 0], "RGBA": [255] * 3, "I;16": [0] * 3}
+    for mode, image in makers.items():
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        image.save(path)
+        loaded = load_rgb(path)
+        assert loaded.mode == "RGB", mode
+        assert np.asarray(loaded)[0, 0].tolist() == expected[mode], mode
+
+
+def test_truncated_and_fake_images(tmp_path, caplog):
+    for i in range(3):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / f"good{i}.jpg")
+    good = (tmp_path / "good0.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "notes.jpg").write_text("a text file named .jpg")
+    with pytest.raises(ImageFolderError, match="notes.jpg: cannot read image.*data.skip_unreadable=true"):
+        DreamBoothDataModule(str(tmp_path), "a sks dog", 64)
+    with caplog.at_level(logging.WARNING):
+        dm = DreamBoothDataModule(str(tmp_path), "a sks dog", 64, skip_unreadable=True)
+    assert len(dm.instance_images) == 3
+    assert "notes.jpg" in caplog.text and "truncated.jpg" in caplog.text
+
+
+def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
+    for i in range(3):
+        Image.new("RGB", (40, 30), "red").save(tmp_path / f"{i}.png")
+    with caplog.at_level(logging.WARNING):
+        dm = DreamBoothDataModule(str(tmp_path), "a sks dog", 64)
+    assert "40x30, smaller than the training resolution 64" in caplog.text
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (1, 3, 64, 64)

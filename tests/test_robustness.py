@@ -1,0 +1,159 @@
+"""Crashes, kills and resume: nothing half-written is ever used, and resumed runs match uninterrupted ones."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_pl.class_images import ClassImageCache
+from dreambooth_pl.images import is_readable_image
+from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.training import train
+from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
+
+RESUME_RUN = [
+    *FAST,
+    "trainer.max_steps=150",
+    "callbacks.checkpoint.every_n_train_steps=23",  # 5 steps an epoch: checkpoints fall mid-epoch
+    "export.samples.prompts=[]",
+    "data.random_flip=true",
+    "data.center_crop=false",
+]
+
+
+def train_py(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@needs_dataset
+def test_killed_run_resumes_to_the_same_weights(tmp_path, cache_dir):
+    """SIGKILL mid-epoch, then `ckpt_path=last` in the same run folder: same final UNet as no kill."""
+    common = [*RESUME_RUN, f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = train_py([*common, f"hydra.run.dir={straight}"], tmp_path)
+    assert proc.wait(timeout=600) == 0, proc.stdout.read()[-3000:]
+
+    proc = train_py([*common, f"hydra.run.dir={killed}"], tmp_path)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "pipeline").exists(), "the run finished before it could be killed"
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < step < 150 and step % 5, f"checkpoint at step {step} should be mid-epoch (5 steps an epoch)"
+
+    proc = train_py([*common, f"hydra.run.dir={killed}", "ckpt_path=last"], tmp_path)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "Restored all states" in out
+
+    a, b = unet_weights(straight), unet_weights(killed)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-6, f"resumed weights differ by {worst}"
+
+
+def test_killed_class_image_generation_leaves_only_complete_images(tmp_path, tiny_pretrained):
+    script = (
+        "import sys; from dreambooth_pl.class_images import ClassImageCache;"
+        f"ClassImageCache({str(tmp_path)!r}, {tiny_pretrained!r}, "
+        "{'num_inference_steps': 20, 'resolution': 64, 'batch_size': 1}).ensure('a teapot', 500)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    cache = ClassImageCache(
+        str(tmp_path), tiny_pretrained, {"num_inference_steps": 20, "resolution": 64, "batch_size": 1}
+    )
+    folder = cache.folder("a teapot")
+    deadline = time.time() + 120
+    while len(list(folder.glob("0*.png"))) < 5 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    done = sorted(folder.glob("0*.png"))
+    assert 5 <= len(done) < 500
+    assert all(is_readable_image(p) for p in done)  # no final name ever holds half an image
+    missing = cache.missing("a teapot", 12)
+    assert cache.ensure("a teapot", 12) == len(missing) == 12 - len([p for p in done if int(p.stem) < 12])
+    assert not list(folder.glob(".*.png"))  # stale temporary files are cleared
+    assert cache.ensure("a teapot", 12) == 0
+
+
+@needs_dataset
+def test_nan_loss_stops_with_the_last_good_state(tmp_path, cache_dir, monkeypatch):
+    original = DreamBoothModule.compute_loss
+
+    def poisoned(self, batch, noise=None, timesteps=None):
+        loss = original(self, batch, noise, timesteps)
+        return loss._replace(total=loss.total * float("nan")) if self.global_step == 3 else loss
+
+    monkeypatch.setattr(DreamBoothModule, "compute_loss", poisoned)
+    cfg = compose_train([*FAST, "trainer.max_steps=10"], tmp_path, cache_dir)
+    with pytest.raises(FloatingPointError, match="at step 3; the last good state is saved in .*last-good.ckpt"):
+        train(cfg)
+    state = torch.load(tmp_path / "checkpoints" / "last-good.ckpt", weights_only=True)
+    assert state["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert not (tmp_path / "pipeline").exists()  # no garbage model is exported
+
+
+def test_source_never_unpickles_or_runs_remote_code():
+    source = "\n".join(p.read_text() for p in (REPO / "dreambooth_pl").glob("*.py"))
+    assert "trust_remote_code" not in source
+    for call in re.findall(r"torch\.load\([^)]*\)", source):
+        assert "weights_only=True" in call
+
+
+@needs_dataset
+def test_api_keys_never_reach_outputs(tmp_path, cache_dir):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": secret, "HF_TOKEN": "hf_" + secret}
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *FAST,
+            "logger=wandb",
+            "logger.wandb.mode=offline",
+            f"hydra.run.dir={run}",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.dreambooth_root={DREAMBOOTH_ROOT}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in proc.stdout + proc.stderr
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert len(written) > 10
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
