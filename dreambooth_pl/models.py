@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,12 @@ from diffusers import (
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from dreambooth_pl.export import (
+    LORA_WEIGHTS,
+    TEXTUAL_INVERSION_WEIGHTS,
+    read_run_info,
+    save_pipeline_atomically,
+)
 from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
 
 log = logging.getLogger(__name__)
@@ -94,7 +97,16 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
 def load_pipeline(
     pretrained: str, device: str | None = None, dtype: str | None = None, revision: str | None = None
 ) -> StableDiffusionPipeline:
-    """A whole pipeline for inference; dtype is a torch dtype name such as "float16"."""
+    """A whole pipeline for inference; dtype is a torch dtype name such as "float16".
+
+    `pretrained` may also be a LoRA or Textual Inversion export: its dreambooth.json names the base model.
+    """
+    folder = Path(pretrained)
+    for weights, attach in ((LORA_WEIGHTS, "load_lora_weights"), (TEXTUAL_INVERSION_WEIGHTS, "load_textual_inversion")):
+        if (folder / weights).exists():
+            pipe = load_pipeline(read_run_info(folder)["base_model"], device, dtype, revision)
+            getattr(pipe, attach)(str(folder), weight_name=weights)
+            return pipe
     check_pretrained(pretrained)
     extra = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -119,25 +131,6 @@ def assemble_pipeline(components: Components, **overrides: Any) -> StableDiffusi
         **overrides,
     }
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def save_pipeline_atomically(
-    pipe: StableDiffusionPipeline, target: str | os.PathLike, extra_files: dict[str, str] | None = None
-) -> Path:
-    """Write into a sibling temporary folder and rename, so a crash never leaves half a model."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _tokenizer_from_config(words: list[str], clip_bpe: str | None, model_max_length: int) -> CLIPTokenizer:

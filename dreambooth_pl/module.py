@@ -1,4 +1,8 @@
-"""The DreamBooth LightningModule: frozen VAE (and text encoder), trainable UNet, combined loss."""
+"""The DreamBooth LightningModule: frozen VAE (and text encoder), trainable UNet, combined loss.
+
+Which parameters learn, and what is exported, is the `method`'s decision (methods.py): full
+fine-tuning, LoRA or Textual Inversion share everything here.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,8 @@ import lightning as L
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.losses import (
-    DreamBoothLoss,
-    dreambooth_loss,
-    offset_noise,
-    prediction_target,
-    snr_weights,
-)
+from dreambooth_pl.losses import DreamBoothLoss, dreambooth_loss, offset_noise, prediction_target, snr_weights
+from dreambooth_pl.methods import FineTuneMethod
 from dreambooth_pl.models import Components, assemble_pipeline, load_components
 
 HALF_PRECISIONS = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -27,17 +26,17 @@ class DreamBoothModule(L.LightningModule):
         pretrained: str,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        method: FineTuneMethod | None = None,
         prior_weight: float = 1.0,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
-        train_text_encoder: bool = False,
         gradient_checkpointing: bool = False,
         revision: str | None = None,
         variant: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "method"])
         parts = load_components(pretrained, revision=revision, variant=variant)
         self.unet = parts.unet
         self.vae = parts.vae
@@ -49,15 +48,17 @@ class DreamBoothModule(L.LightningModule):
         self.prior_weight = prior_weight
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
-        self.train_text_encoder = train_text_encoder
 
-        self.vae.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.requires_grad_(False)
+        self.method = method or FineTuneMethod()
+        self.method.attach(self)
+        self.vae.eval()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if train_text_encoder:
+            if self.text_encoder_learns:
                 self.text_encoder.gradient_checkpointing_enable()
-        # Frozen weights are not saved in checkpoints (they come from `pretrained`), so load non-strictly.
+        # Only what learns goes into checkpoints (the rest comes from `pretrained`), so load non-strictly.
         self.strict_loading = False
         # Training noise, timesteps and latent samples come from this generator alone; its state travels
         # in checkpoints, so a resumed run draws exactly what an uninterrupted one would have.
@@ -66,20 +67,22 @@ class DreamBoothModule(L.LightningModule):
         self._generator_state: torch.Tensor | None = None
 
     @property
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        return ("vae.",) if self.train_text_encoder else ("vae.", "text_encoder.")
+    def text_encoder_learns(self) -> bool:
+        return any(p.requires_grad for p in self.text_encoder.parameters())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        modules = [self.unet, self.text_encoder] if self.train_text_encoder else [self.unet]
-        return [p for m in modules for p in m.parameters() if p.requires_grad]
+        return [p for p in self.parameters() if p.requires_grad]
 
     def setup(self, stage: str) -> None:
-        """Frozen models run in the compute dtype of half-precision training to save memory."""
+        """Under half-precision training, frozen weights are stored in the compute dtype to save memory;
+        whatever learns (full weights, LoRA adapters, a new embedding) stays in fp32."""
         half = next((d for k, d in HALF_PRECISIONS.items() if str(self.trainer.precision).startswith(k)), None)
-        if half is not None:
-            self.vae.to(half)
-            if not self.train_text_encoder:
-                self.text_encoder.to(half)
+        if half is None:
+            return
+        for model in (self.unet, self.vae, self.text_encoder):
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            for name, param in model.named_parameters():
+                param.data = param.data.to(torch.float32 if name in trainable else half)
 
     def on_train_start(self) -> None:
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
@@ -90,7 +93,7 @@ class DreamBoothModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()
-        self.text_encoder.train(mode and self.train_text_encoder)
+        self.text_encoder.train(mode and self.text_encoder_learns)
         return self
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -101,7 +104,7 @@ class DreamBoothModule(L.LightningModule):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.text_encoder_learns and torch.is_grad_enabled()):
             return self.text_encoder(ids)[0]
 
     @torch.no_grad()
@@ -149,6 +152,9 @@ class DreamBoothModule(L.LightningModule):
             )
         return loss.total
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.method.after_optimizer_step(self)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
         if self.lr_scheduler_factory is None:
@@ -157,8 +163,9 @@ class DreamBoothModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        learns = {name for name, p in self.named_parameters() if p.requires_grad}
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
+        for key in [k for k in state if k not in learns]:
             del state[key]
         if self.noise_generator is not None:
             checkpoint["noise_generator_state"] = self.noise_generator.get_state()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -10,13 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.config_utils import resolve_path
-from dreambooth_pl.export import export_pipeline
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
 from dreambooth_pl.models import load_tokenizer
 from dreambooth_pl.prompts import fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
+# The frozen VAE (and text encoder) are in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def prior_active(prior: DictConfig) -> bool:
@@ -50,7 +53,8 @@ def train(cfg: DictConfig) -> dict:
     instance_dir = resolve_path(cfg.subject.instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
     tokenizer = load_tokenizer(pretrained, cfg.model.revision)
-    identifier = resolve_identifier(tokenizer, **cfg.identifier)
+    method = instantiate(cfg.method)
+    identifier = method.prompt_token(resolve_identifier(tokenizer, **cfg.identifier))
     noun = cfg.prompts.instance_class_noun
     prompts = {
         "identifier": identifier,
@@ -74,7 +78,7 @@ def train(cfg: DictConfig) -> dict:
         class_dir=class_dir,
         validation_prompts=prompts["validation"],
     )
-    module = instantiate(cfg.module, pretrained=pretrained)
+    module = instantiate(cfg.module, pretrained=pretrained, method=method)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -84,11 +88,18 @@ def train(cfg: DictConfig) -> dict:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
-    result = {"output_dir": str(output_dir), "global_step": trainer.global_step, **prompts}
+    result = {"output_dir": str(output_dir), "global_step": trainer.global_step, "module": module, **prompts}
     if trainer.is_global_zero and cfg.export.enabled:
-        run_info = {**prompts, "subject": cfg.subject.name, "base_model": pretrained, "steps": trainer.global_step}
-        result["pipeline"] = str(export_pipeline(module, output_dir / "pipeline", run_info))
-        log.info("Exported the fine-tuned pipeline to %s", result["pipeline"])
+        base_model = os.path.abspath(pretrained) if os.path.exists(pretrained) else pretrained
+        run_info = {
+            **prompts,
+            "subject": cfg.subject.name,
+            "base_model": base_model,
+            "method": method.name,
+            "steps": trainer.global_step,
+        }
+        result["pipeline"] = str(method.export(module, output_dir, run_info))
+        log.info("Exported the fine-tuned model (%s) to %s", method.name, result["pipeline"])
         if cfg.export.samples.prompts:
             result["samples"] = str(
                 generate(

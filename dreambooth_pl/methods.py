@@ -1,0 +1,168 @@
+"""What a run trains and exports: full DreamBooth fine-tuning, LoRA DreamBooth, or Textual Inversion.
+
+The LightningModule, data, loss and loop are shared; a method only decides which parameters learn,
+what happens after an optimizer step, and what is written at the end. So all three run on the same data
+with the same evaluation, and their numbers sit in one table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dreambooth_pl.export import TEXTUAL_INVERSION_WEIGHTS, save_pipeline_atomically, write_dir_atomically
+
+log = logging.getLogger(__name__)
+
+
+class FineTuneMethod:
+    """Full fine-tuning of the UNet (and optionally the text encoder): the paper's DreamBooth."""
+
+    export_dirname = "pipeline"
+
+    def __init__(self, name: str = "dreambooth", train_text_encoder: bool = False):
+        self.name = name
+        self.train_text_encoder = train_text_encoder
+
+    def prompt_token(self, identifier: str) -> str:
+        """The string that stands for the subject in prompts."""
+        return identifier
+
+    def attach(self, module) -> None:
+        """Mark what trains; everything starts frozen."""
+        module.unet.requires_grad_(True)
+        module.text_encoder.requires_grad_(self.train_text_encoder)
+
+    def after_optimizer_step(self, module) -> None:
+        """Hook for methods that constrain their parameters after each update."""
+
+    def export(self, module, output_dir: Path, run_info: dict) -> Path:
+        return save_pipeline_atomically(module.pipeline(), output_dir / self.export_dirname, run_info)
+
+
+class LoRA(FineTuneMethod):
+    """Low-rank adapters (peft) on the attention projections; base weights stay frozen."""
+
+    export_dirname = "lora"
+
+    def __init__(
+        self,
+        name: str = "lora",
+        rank: int = 4,
+        alpha: float = 4.0,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        train_text_encoder: bool = False,
+        text_encoder_target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "out_proj"),
+        export_merged: bool = False,
+    ):
+        super().__init__(name, train_text_encoder)
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.target_modules = list(target_modules)
+        self.text_encoder_target_modules = list(text_encoder_target_modules)
+        self.export_merged = export_merged
+
+    def _config(self, targets: list[str]):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
+
+    def attach(self, module) -> None:
+        module.unet.add_adapter(self._config(self.target_modules))
+        if self.train_text_encoder:
+            # peft directly: transformers' own adapter integration may want a newer peft than is installed.
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(self._config(self.text_encoder_target_modules), module.text_encoder)
+
+    def export(self, module, output_dir: Path, run_info: dict) -> Path:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        def lora_state(model):
+            state = get_peft_model_state_dict(model, state_dict=model.state_dict())
+            return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+
+        text_layers = lora_state(module.text_encoder) if self.train_text_encoder else None
+        target = write_dir_atomically(
+            output_dir / self.export_dirname,
+            lambda staging: StableDiffusionPipeline.save_lora_weights(
+                staging,
+                unet_lora_layers=lora_state(module.unet),
+                text_encoder_lora_layers=text_layers,
+                safe_serialization=True,
+            ),
+            run_info,
+        )
+        if self.export_merged:
+            from dreambooth_pl.models import load_pipeline
+
+            merged = load_pipeline(str(target), device="cpu")
+            merged.fuse_lora()
+            merged.unload_lora_weights()
+            save_pipeline_atomically(merged, output_dir / "pipeline", run_info)
+        return target
+
+
+class TextualInversion(FineTuneMethod):
+    """The paper's baseline (Gal et al. 2022): learn one new token embedding, nothing else."""
+
+    export_dirname = "textual_inversion"
+
+    def __init__(self, name: str = "textual_inversion", placeholder: str = "<{identifier}>", initializer: str = ""):
+        super().__init__(name, train_text_encoder=False)
+        self.placeholder_format = placeholder
+        self.initializer = initializer
+        self.placeholder: str | None = None
+        self.token_id: int | None = None
+        self.original_embeddings: torch.Tensor | None = None
+
+    def prompt_token(self, identifier: str) -> str:
+        self.placeholder = self.placeholder_format.format(identifier=identifier)
+        return self.placeholder
+
+    def attach(self, module) -> None:
+        if self.placeholder is None:
+            raise RuntimeError("TextualInversion.prompt_token must be called before the module is built")
+        tokenizer, text_encoder = module.tokenizer, module.text_encoder
+        if tokenizer.add_tokens(self.placeholder) != 1:
+            raise ValueError(f"method.placeholder: {self.placeholder!r} is already a token; choose another.")
+        init_ids = tokenizer(self.initializer, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise ValueError("method.initializer (the class noun by default) is empty: it seeds the new embedding.")
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        self.token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
+        embeddings = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            embeddings[self.token_id] = embeddings[init_ids].mean(dim=0)
+        self.original_embeddings = embeddings.detach().clone()
+        embeddings.requires_grad_(True)
+
+    def after_optimizer_step(self, module) -> None:
+        """Put every other row back: weight decay and momentum must not touch the vocabulary."""
+        embeddings = module.text_encoder.get_input_embeddings().weight
+        keep = torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device)
+        keep[self.token_id] = False
+        with torch.no_grad():
+            embeddings[keep] = self.original_embeddings.to(embeddings)[keep]
+
+    def export(self, module, output_dir: Path, run_info: dict) -> Path:
+        vector = module.text_encoder.get_input_embeddings().weight[self.token_id].detach().float().cpu()
+        return write_dir_atomically(
+            output_dir / self.export_dirname,
+            lambda staging: save_file({self.placeholder: vector.clone()}, staging / TEXTUAL_INVERSION_WEIGHTS),
+            {**run_info, "placeholder": self.placeholder},
+        )

@@ -1,0 +1,148 @@
+"""LoRA and Textual Inversion beside full fine-tuning: what learns, what is exported, what diffusers loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_pl.config_utils import resolve_path
+from dreambooth_pl.models import load_components, load_pipeline
+from dreambooth_pl.training import train
+from tests.conftest import FAST, compose_train, needs_dataset
+
+pytestmark = needs_dataset
+PROMPT = "a sks teapot in the snow"
+
+
+def render(pipe, prompt: str, **kwargs) -> np.ndarray:
+    return pipe(
+        prompt,
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images[0]
+
+
+def run(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> dict:
+    cfg = compose_train([*FAST, "export.samples.prompts=[]", *overrides], tmp_path, cache_dir)
+    return {**train(cfg), "base": resolve_path(cfg.model.pretrained), "cfg": cfg}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, cache_dir):
+    return run(
+        tmp_path_factory.mktemp("lora"), cache_dir, ["method=lora", "trainer.max_steps=20", "module.optimizer.lr=1e-2"]
+    )
+
+
+def test_lora_trains_only_adapters(lora_run):
+    base = load_components(lora_run["base"])
+    trained = lora_run["module"]
+    base_params = dict(base.unet.named_parameters())
+    changed_adapters = 0
+    for name, param in trained.unet.named_parameters():
+        if "lora_" in name:
+            changed_adapters += int(not torch.equal(param, torch.zeros_like(param)) and param.requires_grad)
+            continue
+        original = base_params[name.replace(".base_layer", "")]
+        assert torch.equal(param, original), name
+    assert changed_adapters > 0
+    for a, b in zip(base.vae.parameters(), trained.vae.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lora_trainable_count_is_rank_times_in_plus_out(lora_run):
+    rank = lora_run["cfg"].method.rank
+    targets = tuple(lora_run["cfg"].method.target_modules)
+    base = load_components(lora_run["base"])
+    expected = sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in base.unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.endswith(targets)
+    )
+    trainable = sum(p.numel() for p in lora_run["module"].trainable_parameters())
+    assert trainable == expected
+    assert trainable < 0.1 * sum(p.numel() for p in base.unet.parameters())
+
+
+def test_lora_export_reproduces_the_trained_model(lora_run, tmp_path):
+    folder = Path(lora_run["pipeline"])
+    assert folder.name == "lora" and (folder / "pytorch_lora_weights.safetensors").exists()
+    module = lora_run["module"].eval()
+    trained = render(module.pipeline(), PROMPT)
+    loaded = load_pipeline(str(folder), device="cpu")
+    assert np.abs(render(loaded, PROMPT) - trained).max() < 1e-4
+    base = render(load_pipeline(lora_run["base"], device="cpu"), PROMPT)
+    assert np.abs(render(loaded, PROMPT, cross_attention_kwargs={"scale": 0.0}) - base).max() < 1e-4
+    assert np.abs(trained - base).max() > 1e-3  # the adapters do change the output
+
+    lora_bytes = (folder / "pytorch_lora_weights.safetensors").stat().st_size
+    full_bytes = sum(p.stat().st_size for p in Path(lora_run["base"]).glob("unet/*.safetensors"))
+    print(f"LoRA export {lora_bytes} B vs full UNet {full_bytes} B ({lora_bytes / full_bytes:.3f})")
+    assert lora_bytes < 0.1 * full_bytes
+
+
+def test_lora_on_the_text_encoder_too(tmp_path, cache_dir):
+    result = run(
+        tmp_path,
+        cache_dir,
+        ["method=lora", "method.train_text_encoder=true", "trainer.max_steps=3", "method.export_merged=true"],
+    )
+    weights = load_file(Path(result["pipeline"]) / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    module = result["module"].eval()
+    trained = render(module.pipeline(), PROMPT)
+    merged = load_pipeline(str(tmp_path / "pipeline"), device="cpu")  # export_merged: a plain pipeline
+    assert np.abs(render(merged, PROMPT) - trained).max() < 1e-3
+
+
+def test_textual_inversion_learns_one_embedding_row(tmp_path, cache_dir):
+    result = run(tmp_path, cache_dir, ["method=textual_inversion", "trainer.max_steps=15", "module.optimizer.lr=5e-2"])
+    assert result["instance"] == "a <sks> teapot"
+    base = load_components(result["base"])
+    module = result["module"]
+    token_id = module.tokenizer.convert_tokens_to_ids("<sks>")
+    assert token_id == len(base.tokenizer)  # a new token at the end of the vocabulary
+    init = (
+        base.text_encoder.get_input_embeddings()
+        .weight[base.tokenizer("teapot", add_special_tokens=False).input_ids]
+        .mean(0)
+    )
+    learned = module.text_encoder.get_input_embeddings().weight
+    assert not torch.allclose(learned[token_id], init)  # it learned
+    assert torch.equal(learned[:token_id], base.text_encoder.get_input_embeddings().weight)  # bit-identical
+    for model in ("unet", "vae"):
+        for a, b in zip(getattr(base, model).parameters(), getattr(module, model).parameters(), strict=True):
+            assert torch.equal(a, b)
+    base_te = dict(base.text_encoder.named_parameters())
+    for name, param in module.text_encoder.named_parameters():
+        if "token_embedding" not in name:
+            assert torch.equal(param, base_te[name]), name
+
+    folder = Path(result["pipeline"])
+    assert folder.name == "textual_inversion"
+    assert set(load_file(folder / "learned_embeds.safetensors")) == {"<sks>"}
+    pipe = load_pipeline(str(folder), device="cpu")  # a fresh base pipeline + load_textual_inversion
+    fresh_id = pipe.tokenizer.convert_tokens_to_ids("<sks>")
+    assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[fresh_id], learned[token_id])
+    assert pipe.tokenizer("a <sks> teapot", add_special_tokens=False).input_ids[1] == fresh_id
+    assert np.abs(render(pipe, "a <sks> teapot") - render(module.eval().pipeline(), "a <sks> teapot")).max() < 1e-4
+
+
+def test_full_fine_tuning_with_the_text_encoder(tmp_path, cache_dir):
+    result = run(tmp_path, cache_dir, ["method.train_text_encoder=true", "trainer.max_steps=3"])
+    base = load_components(result["base"])
+    exported = load_components(result["pipeline"])
+    te_changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(base.text_encoder.parameters(), exported.text_encoder.parameters(), strict=True)
+    )
+    assert te_changed
+    assert all(torch.equal(a, b) for a, b in zip(base.vae.parameters(), exported.vae.parameters(), strict=True))
