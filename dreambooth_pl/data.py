@@ -101,26 +101,40 @@ class DreamBoothDataset(Dataset):
         """`key` is (index, augmentation seed), as `ResumableSampler` yields it."""
         index, seed = key
         rng = random.Random(seed)
+        instance = index % len(self.instance_images)
+        pixels, view = self.transform.view(self.instance_images[instance], rng)
         item = {
-            "instance_pixels": self.transform(self.instance_images[index % len(self.instance_images)], rng),
+            "instance_pixels": pixels,
             "instance_prompt": self.instance_prompt,
+            "instance_key": self._cache_key("instance", instance, view),
         }
         if self.class_paths:
-            item["class_pixels"] = self.transform(load_rgb(self.class_paths[index % len(self.class_paths)]), rng)
-            item["class_prompt"] = self.class_prompt
+            path = self.class_paths[index % len(self.class_paths)]
+            pixels, view = self.transform.view(load_rgb(path), rng)
+            item |= {
+                "class_pixels": pixels,
+                "class_prompt": self.class_prompt,
+                "class_key": self._cache_key("class", path.name, view),
+            }
         return item
+
+    def _cache_key(self, kind: str, name, view: str) -> str | None:
+        """Names one image view for the latent cache; None (never cached) when views are unbounded."""
+        return f"{kind}:{name}:{view}" if self.transform.few_views else None
 
 
 def collate(items: list[dict]) -> dict:
     """Concatenate instance then prior samples; `is_prior` marks the second half."""
-    pixels = [item["instance_pixels"] for item in items]
-    prompts = [item["instance_prompt"] for item in items]
-    if "class_pixels" in items[0]:
-        pixels += [item["class_pixels"] for item in items]
-        prompts += [item["class_prompt"] for item in items]
+    halves = ("instance", "class") if "class_pixels" in items[0] else ("instance",)
+    pixels = [item[f"{half}_pixels"] for half in halves for item in items]
     is_prior = torch.zeros(len(pixels), dtype=torch.bool)
     is_prior[len(items) :] = True
-    return {"pixel_values": torch.stack(pixels), "prompts": prompts, "is_prior": is_prior}
+    return {
+        "pixel_values": torch.stack(pixels),
+        "prompts": [item[f"{half}_prompt"] for half in halves for item in items],
+        "cache_keys": [item.get(f"{half}_key") for half in halves for item in items],
+        "is_prior": is_prior,
+    }
 
 
 class DreamBoothDataModule(L.LightningDataModule):

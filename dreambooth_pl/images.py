@@ -99,7 +99,16 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
+    @property
+    def few_views(self) -> bool:
+        """With a centre crop an image has at most two views (flipped or not): worth caching its latents."""
+        return self.center_crop
+
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        return self.view(image, rng)[0]
+
+    def view(self, image: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, str]:
+        """The tensor and a name for the view (crop box, flip) that produced it."""
         rng = rng or random
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
@@ -109,7 +118,8 @@ class ImageTransform:
         else:
             left, top = rng.randint(0, size[0] - self.resolution), rng.randint(0, size[1] - self.resolution)
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and rng.random() < 0.5:
+        flip = self.random_flip and rng.random() < 0.5
+        if flip:
             image = ImageOps.mirror(image)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), f"{left},{top},{int(flip)}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from dreambooth_pl.losses import DreamBoothLoss, dreambooth_loss, offset_noise, prediction_target, snr_weights
 from dreambooth_pl.methods import FineTuneMethod
@@ -31,6 +32,8 @@ class DreamBoothModule(L.LightningModule):
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
+        cache_latents: bool = True,
+        cache_text_embeddings: bool = True,
         revision: str | None = None,
         variant: str | None = None,
         seed: int = 0,
@@ -48,6 +51,12 @@ class DreamBoothModule(L.LightningModule):
         self.prior_weight = prior_weight
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
+        # Encode each fixed prompt and each image view once: the frozen encoders give the same answer
+        # every step. The latent cache keeps the distribution's parameters, so sampling still happens.
+        self.cache_latents = cache_latents
+        self.cache_text_embeddings = cache_text_embeddings
+        self._latent_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
 
         for model in (self.unet, self.vae, self.text_encoder):
             model.requires_grad_(False)
@@ -97,6 +106,15 @@ class DreamBoothModule(L.LightningModule):
         return self
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        if not self.cache_text_embeddings or self.text_encoder_learns:
+            return self._run_text_encoder(prompts)
+        missing = sorted({p for p in prompts if p not in self._text_cache})
+        if missing:
+            with torch.no_grad():
+                self._text_cache.update(zip(missing, self._run_text_encoder(missing), strict=True))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def _run_text_encoder(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
             prompts,
             padding="max_length",
@@ -108,16 +126,27 @@ class DreamBoothModule(L.LightningModule):
             return self.text_encoder(ids)[0]
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample(self.noise_generator)
+    def encode_images(self, pixel_values: torch.Tensor, cache_keys: list[str | None] | None = None) -> torch.Tensor:
+        """Sample latents; with cache keys (one per image view), the VAE encoder runs once per view."""
+        if not self.cache_latents or cache_keys is None or None in cache_keys:
+            moments = self._run_vae_encoder(pixel_values)
+        else:
+            for i, key in enumerate(cache_keys):
+                if key not in self._latent_cache:  # one view at a time: the result never depends on batching
+                    self._latent_cache[key] = self._run_vae_encoder(pixel_values[i : i + 1])[0]
+            moments = torch.stack([self._latent_cache[key] for key in cache_keys])
+        latents = DiagonalGaussianDistribution(moments).sample(self.noise_generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def _run_vae_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.parameters
 
     def compute_loss(
         self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
     ) -> DreamBoothLoss:
         """Noise, timesteps: drawn at random unless given (tests and fixed-noise probes pass them)."""
-        latents = self.encode_images(batch["pixel_values"])
+        latents = self.encode_images(batch["pixel_values"], batch.get("cache_keys"))
         draw = {"generator": self.noise_generator, "device": latents.device}
         if noise is None:
             noise = offset_noise(torch.randn(latents.shape, **draw), self.noise_offset, self.noise_generator)
