@@ -34,6 +34,8 @@ class DreamBoothModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         cache_latents: bool = True,
         cache_text_embeddings: bool = True,
+        channels_last: bool = False,
+        compile_unet: bool = False,
         revision: str | None = None,
         variant: str | None = None,
         seed: int = 0,
@@ -63,6 +65,10 @@ class DreamBoothModule(L.LightningModule):
         self.method = method or FineTuneMethod()
         self.method.attach(self)
         self.vae.eval()
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.unet.compile()  # in place: parameter names, checkpoints and export are unchanged
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.text_encoder_learns:

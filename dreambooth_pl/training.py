@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -12,9 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.config_utils import resolve_path
+from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
+from dreambooth_pl.methods import FineTuneMethod
 from dreambooth_pl.models import load_tokenizer
+from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.prompts import fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
@@ -45,11 +49,20 @@ def check_config(cfg: DictConfig) -> None:
     require_identifier(cfg.prompts.instance, "prompts.instance")
 
 
-def train(cfg: DictConfig) -> dict:
-    check_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
+@dataclass
+class Run:
+    """What a training job is built from; `bench` builds the same pieces."""
 
+    pretrained: str
+    method: FineTuneMethod
+    prompts: dict
+    datamodule: DreamBoothDataModule
+    module: DreamBoothModule
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Checks, prompts, data and model, in the order that reports bad input before loading weights."""
+    check_config(cfg)
     instance_dir = resolve_path(cfg.subject.instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
     tokenizer = load_tokenizer(pretrained, cfg.model.revision)
@@ -79,6 +92,20 @@ def train(cfg: DictConfig) -> dict:
         validation_prompts=prompts["validation"],
     )
     module = instantiate(cfg.module, pretrained=pretrained, method=method)
+    return Run(pretrained, method, prompts, datamodule, module)
+
+
+def train(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    run = build_run(cfg)
+    pretrained, method, prompts, datamodule, module = (
+        run.pretrained,
+        run.method,
+        run.prompts,
+        run.datamodule,
+        run.module,
+    )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

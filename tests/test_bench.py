@@ -1,0 +1,57 @@
+"""The benchmark runs every variant and reports figures (it measures; it asserts no speed)."""
+
+from __future__ import annotations
+
+import json
+
+from hydra import compose, initialize_config_dir
+
+from dreambooth_pl.bench import run_bench, variant_config
+from tests.conftest import DREAMBOOTH_ROOT, REPO, needs_dataset
+
+
+def compose_bench(overrides, tmp_path, cache_dir):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "bench",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.dreambooth_root={DREAMBOOTH_ROOT}",
+                *overrides,
+            ],
+        )
+
+
+def test_gpu_suite_composes_with_sd15_sized_model(tmp_path):
+    cfg = compose_bench(["bench=gpu", "model=sd15_random", "trainer=gpu"], tmp_path, tmp_path)
+    assert cfg.model.pretrained.unet.block_out_channels == [320, 640, 1280, 1280]
+    eight_bit = variant_config(cfg, cfg.bench.variants["bf16 + caches + 8-bit AdamW"].overrides)
+    assert eight_bit.module.optimizer._target_ == "bitsandbytes.optim.AdamW8bit"
+    assert "fused" not in eight_bit.module.optimizer and "foreach" not in eight_bit.module.optimizer
+
+
+@needs_dataset
+def test_cpu_bench_reports_every_variant(tmp_path, cache_dir):
+    cfg = compose_bench(
+        [
+            "subject=teapot",
+            "bench.steps=3",
+            "bench.warmup=1",
+            "bench.images=2",
+            "prior.num_images=4",
+            "sampler.num_inference_steps=2",
+        ],
+        tmp_path,
+        cache_dir,
+    )
+    keep = ["plain_loop", "trainer", "+ gradient checkpointing"]  # a plain loop, the trainer, an option
+    cfg.bench.variants = {name: cfg.bench.variants[name] for name in keep}
+    result = run_bench(cfg)
+    names = [row["variant"] for row in result["rows"]]
+    assert names == list(cfg.bench.variants)
+    assert all(row["steps_per_s"] > 0 and row["peak_mib"] > 0 for row in result["rows"])
+    assert result["rows"][0]["vs_reference"] == 1.0
+    assert result["class_images_per_s"] > 0 and result["eval_images_per_s"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text())["model"] == "tiny"
+    assert "| plain_loop |" in (tmp_path / "bench.md").read_text()
