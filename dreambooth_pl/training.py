@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.config_utils import resolve_path
 from dreambooth_pl.data import DreamBoothDataModule
+from dreambooth_pl.evaluate import evaluate_run, run_meta_from_config
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
 from dreambooth_pl.methods import FineTuneMethod
@@ -44,6 +45,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"prior.num_images={cfg.prior.num_images} must be >= 1 while prior preservation is on")
     if prior_active(cfg.prior) and not str(cfg.subject.class_noun or "").strip():
         problems.append("subject.class_noun is empty but prior preservation needs it (or set prior.enabled=false)")
+    if cfg.eval.enabled and not cfg.export.enabled:
+        problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     if problems:
         raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
     require_identifier(cfg.prompts.instance, "prompts.instance")
@@ -54,6 +57,7 @@ class Run:
     """What a training job is built from; `bench` builds the same pieces."""
 
     pretrained: str
+    instance_dir: str
     method: FineTuneMethod
     prompts: dict
     datamodule: DreamBoothDataModule
@@ -92,7 +96,7 @@ def build_run(cfg: DictConfig) -> Run:
         validation_prompts=prompts["validation"],
     )
     module = instantiate(cfg.module, pretrained=pretrained, method=method)
-    return Run(pretrained, method, prompts, datamodule, module)
+    return Run(pretrained, instance_dir, method, prompts, datamodule, module)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -134,6 +138,19 @@ def train(cfg: DictConfig) -> dict:
                     output_dir=str(output_dir / "final_samples"),
                     **OmegaConf.to_container(cfg.export.samples, resolve=True),
                 )
+            )
+        if cfg.eval.enabled:
+            result["eval"] = evaluate_run(
+                pipeline_dir=result["pipeline"],
+                output_dir=str(output_dir),
+                eval_cfg=cfg.eval,
+                real_images_dir=run.instance_dir,
+                subject=cfg.subject.name,
+                class_noun=cfg.subject.class_noun,
+                identifier=prompts["identifier"],
+                instance_class_noun=prompts["class_noun"],
+                run_meta=run_meta_from_config(cfg),
+                loggers=loggers,
             )
     for logger in loggers:
         logger.finalize("success")

@@ -30,16 +30,17 @@ RESUME_RUN = [
 ]
 
 
-def train_py(args: list[str], cwd: Path) -> subprocess.Popen:
+def train_py(args: list[str], log: Path) -> subprocess.Popen:
+    """train.py in the background, its output in a file (a pipe nobody reads could fill up and block it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=log.parent,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -51,10 +52,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, cache_dir):
     """SIGKILL mid-epoch, then `ckpt_path=last` in the same run folder: same final UNet as no kill."""
     common = [*RESUME_RUN, f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = train_py([*common, f"hydra.run.dir={straight}"], tmp_path)
-    assert proc.wait(timeout=600) == 0, proc.stdout.read()[-3000:]
+    proc = train_py([*common, f"hydra.run.dir={straight}"], tmp_path / "straight.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
-    proc = train_py([*common, f"hydra.run.dir={killed}"], tmp_path)
+    proc = train_py([*common, f"hydra.run.dir={killed}"], tmp_path / "killed.log")
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -65,8 +66,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, cache_dir):
     step = torch.load(last, weights_only=True)["global_step"]
     assert 0 < step < 150 and step % 5, f"checkpoint at step {step} should be mid-epoch (5 steps an epoch)"
 
-    proc = train_py([*common, f"hydra.run.dir={killed}", "ckpt_path=last"], tmp_path)
-    out = proc.communicate(timeout=600)[0]
+    proc = train_py([*common, f"hydra.run.dir={killed}", "ckpt_path=last"], tmp_path / "resumed.log")
+    proc.wait(timeout=600)
+    out = (tmp_path / "resumed.log").read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "Restored all states" in out
 

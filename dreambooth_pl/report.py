@@ -1,0 +1,278 @@
+"""Tables in the layout of the paper (Ruiz et al. 2023, Tables 1, 3 and 4) from evaluated runs.
+
+`python -m dreambooth_pl.report <multirun dir or run dirs or metrics.json files...> [-o OUT]` finds every
+`eval/metrics.json`, groups the runs by how they were trained (method, model, prior weight, class noun in
+the instance prompt, all read from the files' metadata), averages per subject first and then reports the
+mean and standard error over subjects, with the paper's published numbers beside ours, labelled "paper".
+Writes report.md, table1.csv, table3.csv, table4.csv and runs.csv (one row per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+METRICS_FILE = "metrics.json"
+LABELS = {
+    "pres": "PRES",
+    "div": "DIV",
+    "dino": "DINO",
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+}
+METHODS = {"dreambooth": "DreamBooth", "lora": "LoRA DreamBooth", "textual_inversion": "Textual Inversion"}
+CONDITIONS = {"correct": "Correct Class", "none": "No Class", "wrong": "Wrong Class"}
+
+# Ruiz et al., DreamBooth, CVPR 2023. Table 1 and 3 use 30 subjects x 25 prompts x 4 images.
+TABLES = {
+    "table1": {
+        "title": "Table 1: subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T)",
+        "metrics": ("dino", "clip_i", "clip_t"),
+        "paper": [
+            ({"row": "Real Images"}, {"dino": 0.774, "clip_i": 0.885, "clip_t": None}),
+            ({"row": "DreamBooth (Imagen)"}, {"dino": 0.696, "clip_i": 0.812, "clip_t": 0.306}),
+            ({"row": "DreamBooth (Stable Diffusion)"}, {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}),
+            ({"row": "Textual Inversion (Stable Diffusion)"}, {"dino": 0.569, "clip_i": 0.780, "clip_t": 0.255}),
+        ],
+    },
+    "table3": {
+        "title": "Table 3: prior preservation loss ablation (PRES lower is better, DIV higher is better)",
+        "metrics": ("pres", "div", "dino", "clip_i", "clip_t"),
+        "paper": [
+            (
+                {"row": "DreamBooth (Imagen) w/ PPL", "prior_weight": 1.0},
+                {"pres": 0.493, "div": 0.391, "dino": 0.684, "clip_i": 0.815, "clip_t": 0.308},
+            ),
+            (
+                {"row": "DreamBooth (Imagen) w/o PPL", "prior_weight": 0.0},
+                {"pres": 0.664, "div": 0.371, "dino": 0.712, "clip_i": 0.828, "clip_t": 0.306},
+            ),
+        ],
+    },
+    "table4": {
+        "title": "Table 4: class-noun ablation (the noun in the instance prompt)",
+        "metrics": ("dino", "clip_i"),
+        "paper": [
+            ({"row": "Correct Class (Imagen)", "class_noun_condition": "correct"}, {"dino": 0.744, "clip_i": 0.853}),
+            ({"row": "No Class (Imagen)", "class_noun_condition": "none"}, {"dino": 0.303, "clip_i": 0.607}),
+            ({"row": "Wrong Class (Imagen)", "class_noun_condition": "wrong"}, {"dino": 0.454, "clip_i": 0.728}),
+        ],
+    },
+}
+KEY_COLUMNS = ["source", "row", "method", "model", "prior_weight", "class_noun_condition", "subjects", "runs"]
+
+
+def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
+    """metrics.json files given directly, or every eval/metrics.json below the given folders."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.rglob(METRICS_FILE) if p.parent.name == "eval")
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return found
+
+
+def load_run(path: Path) -> dict:
+    """One flat row: the metadata the report groups by, the metrics and where the run's grid is."""
+    record = json.loads(path.read_text())
+    meta = record["metadata"]
+    weight = meta.get("prior_weight")
+    prior_weight = 0.0 if meta.get("prior_enabled") is False else (None if weight is None else float(weight))
+    return {
+        "run": str(path.parent.parent),
+        "subject": meta["subject"],
+        "method": meta.get("method") or "dreambooth",
+        "model": meta.get("model") or "unknown",
+        "prior_weight": prior_weight,
+        "class_noun_condition": meta["class_noun_condition"],
+        "class_noun": meta["class_noun"],
+        "instance_class_noun": meta["instance_class_noun"],
+        "identifier": meta["identifier"],
+        "steps": meta.get("steps"),
+        "seed": meta.get("seed"),
+        "eval_seed": meta.get("eval_seed"),
+        "num_prompts": meta.get("num_prompts"),
+        "images_per_prompt": meta.get("images_per_prompt"),
+        "div_backend": record.get("div_backend"),
+        "tags": ";".join(meta.get("tags") or []),
+        "grid": str(path.parent / record.get("grids", {}).get("grid", "grid.png")),
+        **record["metrics"],
+    }
+
+
+def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return statistics.fmean(values), se
+
+
+def summarize(runs: list[dict], metrics: Sequence[str]) -> dict:
+    """Mean and standard error over subjects; several runs of one subject count once (their mean)."""
+    by_subject = defaultdict(list)
+    for run in runs:
+        by_subject[run["subject"]].append(run)
+    row = {"subjects": len(by_subject), "runs": len(runs)}
+    for name in metrics:
+        per_subject = []
+        for subject_runs in by_subject.values():
+            values = [r[name] for r in subject_runs if r.get(name) is not None]
+            if values:
+                per_subject.append(statistics.fmean(values))
+        row[f"{name}_mean"], row[f"{name}_se"] = _mean_se(per_subject)
+    return row
+
+
+def _label(method: str, model: str, prior_weight: float | None) -> str:
+    if prior_weight is None:
+        prior = "prior unknown"
+    else:
+        prior = f"PPL λ={prior_weight:g}" if prior_weight > 0 else "no PPL"
+    return f"{METHODS.get(method, method)} ({model}, {prior})"
+
+
+def _grouped(runs: list[dict], keys: Sequence[str]) -> list[tuple[tuple, list[dict]]]:
+    """Runs grouped by the given fields; sorted by them, weights numerically, unknowns last."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(run[k] for k in keys)].append(run)
+
+    def order(item):
+        values = zip(keys, item[0])
+        return tuple(
+            (v is None, list(CONDITIONS).index(v) if k == "class_noun_condition" else v or 0) for k, v in values
+        )
+
+    return sorted(groups.items(), key=order)
+
+
+def _paper_rows(table: str) -> list[dict]:
+    spec = TABLES[table]
+    rows = []
+    for fields, values in spec["paper"]:
+        row = {"source": "paper", "subjects": 30, **fields}
+        for name in spec["metrics"]:
+            row[f"{name}_mean"], row[f"{name}_se"] = values[name], None
+        rows.append(row)
+    return rows
+
+
+def build_tables(runs: list[dict]) -> dict[str, list[dict]]:
+    """Our rows then the paper's, per table."""
+    training = ("method", "model", "prior_weight")
+    correct = [r for r in runs if r["class_noun_condition"] == "correct"]
+    real = [{**r, "dino": r.get("real_dino"), "clip_i": r.get("real_clip_i")} for r in runs]
+    table1 = [{"source": "ours", "row": "Real Images", **summarize(real, ("dino", "clip_i")), "clip_t_mean": None}]
+    tables = {"table1": table1, "table3": [], "table4": []}
+    for (method, model, weight), group in _grouped(correct, training):
+        fields = {"source": "ours", "row": _label(method, model, weight), "method": method, "model": model}
+        table1.append({**fields, "prior_weight": weight, **summarize(group, TABLES["table1"]["metrics"])})
+        tables["table3"].append({**fields, "prior_weight": weight, **summarize(group, TABLES["table3"]["metrics"])})
+    for (method, model, weight, condition), group in _grouped(runs, (*training, "class_noun_condition")):
+        tables["table4"].append(
+            {
+                "source": "ours",
+                "row": f"{_label(method, model, weight)}: {CONDITIONS.get(condition, condition)}",
+                "method": method,
+                "model": model,
+                "prior_weight": weight,
+                "class_noun_condition": condition,
+                **summarize(group, TABLES["table4"]["metrics"]),
+            }
+        )
+    return {name: rows + _paper_rows(name) for name, rows in tables.items()}
+
+
+def _cell(row: dict, name: str) -> str:
+    mean, se = row.get(f"{name}_mean"), row.get(f"{name}_se")
+    if mean is None:
+        return "N/A"
+    return f"{mean:.3f} ± {se:.3f}" if se is not None else f"{mean:.3f}"
+
+
+def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[str]) -> str:
+    backends = sorted({r["div_backend"] for r in runs if r["div_backend"]})
+    lines = [
+        "# DreamBooth evaluation report",
+        "",
+        f"{len(runs)} run(s) of {len({r['subject'] for r in runs})} subject(s), from {', '.join(map(str, sources))}.",
+        "Scores are raw cosine similarities (the paper's scale); ± is the standard error over subjects (runs of",
+        "one subject are averaged first). Rows marked *paper* are the published numbers (Ruiz et al. 2023),",
+        "measured with Imagen or Stable Diffusion on 30 subjects x 25 prompts x 4 images; they are not ours.",
+        f"DIV backend: {', '.join(backends) or 'n/a'}"
+        + (
+            " (1 - cosine of DINO features: the paper's DIV is LPIPS, compare directions only)."
+            if "dino" in backends
+            else "."
+        ),
+    ]
+    for name, rows in tables.items():
+        metrics = TABLES[name]["metrics"]
+        lines += ["", f"## {TABLES[name]['title']}", ""]
+        lines.append("| source | row | subjects | runs | " + " | ".join(LABELS[m] for m in metrics) + " |")
+        lines.append("|" + " --- |" * (4 + len(metrics)))
+        for row in rows:
+            source = "*paper*" if row["source"] == "paper" else "ours"
+            runs_cell = row.get("runs", "")
+            cells = [source, row["row"], str(row["subjects"]), str(runs_cell), *(_cell(row, m) for m in metrics)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(paths: Sequence[str | Path], output_dir: str | Path) -> dict[str, Path]:
+    """Write report.md and the CSV tables; return their paths by name."""
+    files = find_metrics(paths)
+    if not files:
+        raise FileNotFoundError(f"No eval/metrics.json under {', '.join(map(str, paths))}: evaluate the runs first.")
+    runs = [load_run(f) for f in files]
+    tables = build_tables(runs)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"report": out / "report.md", "runs": out / "runs.csv"}
+    written["report"].write_text(markdown(tables, runs, paths))
+    _write_csv(runs, list(runs[0]), written["runs"])
+    for name, rows in tables.items():
+        stats = [f"{m}_{s}" for m in TABLES[name]["metrics"] for s in ("mean", "se")]
+        written[name] = out / f"{name}.csv"
+        _write_csv(rows, KEY_COLUMNS + stats, written[name])
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth_pl.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="a multirun folder, run folders, or metrics.json files")
+    parser.add_argument(
+        "-o", "--output", help="where to write (default: <the folder>/report for one folder, else ./report)"
+    )
+    args = parser.parse_args(argv)
+    default = (
+        Path(args.paths[0]) / "report" if len(args.paths) == 1 and Path(args.paths[0]).is_dir() else Path("report")
+    )
+    try:
+        written = write_report(args.paths, args.output or default)
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+    print(written["report"].read_text())
+    print("Wrote " + ", ".join(str(p) for p in written.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Report tables by hand on synthetic runs, then the real command and the notebook on a tiny evaluated sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dreambooth_pl.report import build_tables, load_run, main, write_report
+from tests.conftest import REPO, needs_dataset
+from tests.test_evaluate import evaluated_sweep
+
+
+def write_run(root: Path, name: str, subject: str, dino: float, weight=1.0, condition="correct", **meta) -> Path:
+    nouns = {"correct": "teapot", "none": "", "wrong": "dog"}
+    record = {
+        "metrics": {
+            "dino": dino,
+            "clip_i": dino + 0.1,
+            "clip_t": 0.3,
+            "pres": 0.5,
+            "div": 0.2,
+            "real_dino": 0.8,
+            "real_clip_i": 0.9,
+        },  # fmt: skip
+        "div_backend": "dino",
+        "metadata": {
+            "subject": subject,
+            "method": "dreambooth",
+            "model": "sd15",
+            "prior_enabled": True,
+            "prior_weight": weight,
+            "class_noun": "teapot",
+            "instance_class_noun": nouns[condition],
+            "class_noun_condition": condition,
+            "identifier": "sks",
+            "tags": ["t"],
+            **meta,
+        },
+        "grids": {"grid": "grid.png"},
+    }
+    path = root / name / "eval" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    write_run(tmp_path, "a1", "teapot", 0.6)
+    write_run(tmp_path, "a2", "teapot", 0.8)  # a second seed of the same subject: averaged first
+    write_run(tmp_path, "b", "dog", 0.5)
+    write_run(tmp_path, "c", "dog", 0.4, weight=0.0)
+    write_run(tmp_path, "d", "teapot", 0.2, condition="none")
+    write_run(tmp_path, "e", "teapot", 0.3, condition="wrong")
+    write_run(tmp_path, "f", "teapot", 0.45, method="lora")
+    write_run(tmp_path, "g", "teapot", 0.1, prior_enabled=False, prior_weight=1.0, method=None)
+    (tmp_path / "unrelated" / "metrics.json").parent.mkdir()
+    (tmp_path / "unrelated" / "metrics.json").write_text("{}")  # not under eval/: ignored
+    return tmp_path
+
+
+def rows_by_label(rows: list[dict]) -> dict[str, dict]:
+    return {(r["source"], r["row"]): r for r in rows}
+
+
+def test_tables_average_per_subject_then_over_subjects(runs):
+    tables = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))])
+    t1 = rows_by_label(tables["table1"])
+    ours = t1[("ours", "DreamBooth (sd15, PPL λ=1)")]
+    # teapot: (0.6 + 0.8) / 2 = 0.7, dog: 0.5 -> mean 0.6, standard error stdev(0.7, 0.5) / sqrt 2 = 0.1
+    assert (ours["subjects"], ours["runs"]) == (2, 3)
+    assert ours["dino_mean"] == pytest.approx(0.6) and ours["dino_se"] == pytest.approx(0.1)
+    assert ours["clip_i_mean"] == pytest.approx(0.7) and ours["clip_t_se"] == pytest.approx(0.0)
+    assert t1[("ours", "DreamBooth (sd15, no PPL)")]["dino_mean"] == pytest.approx(0.25)  # 0.4 and disabled 0.1
+    assert t1[("ours", "DreamBooth (sd15, no PPL)")]["subjects"] == 2
+    lora = t1[("ours", "LoRA DreamBooth (sd15, PPL λ=1)")]
+    assert lora["dino_mean"] == pytest.approx(0.45) and lora["dino_se"] is None  # one subject: no error bar
+    real = t1[("ours", "Real Images")]
+    assert real["dino_mean"] == pytest.approx(0.8) and real["clip_t_mean"] is None and real["subjects"] == 2
+    assert t1[("paper", "DreamBooth (Stable Diffusion)")]["dino_mean"] == 0.668
+    assert t1[("paper", "Textual Inversion (Stable Diffusion)")]["clip_t_mean"] == 0.255
+    assert t1[("paper", "Real Images")]["clip_i_mean"] == 0.885
+    assert all("Class" not in label for _, label in t1)  # the class-noun ablation runs stay out of Table 1
+
+    t3 = rows_by_label(tables["table3"])
+    assert [r["row"] for r in tables["table3"] if r["source"] == "ours"] == [
+        "DreamBooth (sd15, no PPL)",
+        "DreamBooth (sd15, PPL λ=1)",
+        "LoRA DreamBooth (sd15, PPL λ=1)",
+    ]
+    assert t3[("ours", "DreamBooth (sd15, PPL λ=1)")]["pres_mean"] == pytest.approx(0.5)
+    assert t3[("paper", "DreamBooth (Imagen) w/ PPL")]["pres_mean"] == 0.493
+    assert t3[("paper", "DreamBooth (Imagen) w/o PPL")]["div_mean"] == 0.371
+
+    t4 = [r for r in tables["table4"] if r["source"] == "ours" and r["method"] == "dreambooth" and r["prior_weight"]]
+    assert [r["class_noun_condition"] for r in t4] == ["correct", "none", "wrong"]
+    assert [r["dino_mean"] for r in t4] == pytest.approx([0.6, 0.2, 0.3])
+    paper4 = {r["class_noun_condition"]: r for r in tables["table4"] if r["source"] == "paper"}
+    assert (paper4["none"]["dino_mean"], paper4["wrong"]["clip_i_mean"]) == (0.303, 0.728)
+
+
+def test_unknown_prior_is_not_taken_for_no_prior(tmp_path):
+    write_run(tmp_path, "x", "teapot", 0.5, prior_enabled=None, prior_weight=None)
+    (row,) = [
+        r for r in build_tables([load_run(tmp_path / "x" / "eval" / "metrics.json")])["table1"] if r.get("method")
+    ]
+    assert row["row"] == "DreamBooth (sd15, prior unknown)"
+
+
+def test_report_files(runs, capsys):
+    main([str(runs)])
+    out = runs / "report"
+    markdown = (out / "report.md").read_text()
+    assert "| ours | DreamBooth (sd15, PPL λ=1) | 2 | 3 | 0.600 ± 0.100 | 0.700 ± 0.100 | 0.300 ± 0.000 |" in markdown
+    assert "| *paper* | DreamBooth (Imagen) w/o PPL | 30 |  | 0.664 | 0.371 | 0.712 | 0.828 | 0.306 |" in markdown
+    assert "| ours | Real Images | 2 | 8 | 0.800 ± 0.000 | 0.900 ± 0.000 | N/A |" in markdown
+    assert "DIV backend: dino (1 - cosine of DINO features" in markdown
+    assert markdown in capsys.readouterr().out
+    table1 = list(csv.DictReader((out / "table1.csv").open()))
+    assert table1[0]["row"] == "Real Images" and {r["source"] for r in table1} == {"ours", "paper"}
+    assert float(next(r for r in table1 if r["row"] == "DreamBooth (sd15, PPL λ=1)")["dino_se"]) == pytest.approx(0.1)
+    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 8
+    # run folders and files can be listed one by one too
+    written = write_report([runs / "a1", runs / "b" / "eval" / "metrics.json"], runs / "two")
+    assert len(list(csv.DictReader(written["runs"].open()))) == 2
+
+
+def test_nothing_to_report_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="No eval/metrics.json under"):
+        main([str(tmp_path)])
+
+
+# --------------------------------------------------------------------------- a real tiny sweep
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory, cache_dir) -> Path:
+    return evaluated_sweep(tmp_path_factory.getbasetemp(), cache_dir)
+
+
+@needs_dataset
+def test_report_on_a_tiny_sweep(sweep):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dreambooth_pl.report", str(sweep)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ours | DreamBooth (tiny, no PPL) | 1 | 1 |" in proc.stdout
+    table3 = list(csv.DictReader((sweep / "report" / "table3.csv").open()))
+    ours = {float(r["prior_weight"]): r for r in table3 if r["source"] == "ours"}
+    assert set(ours) == {0.0, 1.0} and len(table3) == 4
+    assert ours[0.0]["div_mean"] and not ours[1.0]["div_mean"]  # 1 image per prompt in run 1: no DIV
+    for row in ours.values():
+        assert -1 <= float(row["dino_mean"]) <= 1 and row["subjects"] == "1"
+    table4 = list(csv.DictReader((sweep / "report" / "table4.csv").open()))
+    assert [r["class_noun_condition"] for r in table4] == ["correct", "correct", "correct", "none", "wrong"]
+    runs = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
+    assert sorted(Path(r["run"]).name for r in runs) == ["0", "1"] and all(Path(r["grid"]).is_file() for r in runs)
+    assert not math.isnan(float(runs[0]["real_dino"]))
+
+
+@needs_dataset
+def test_notebook_runs_top_to_bottom_on_a_tiny_sweep(sweep, monkeypatch, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pandas")
+    copy = tmp_path / "sweep"
+    for run in ("0", "1"):  # without report/: the notebook writes it
+        (copy / run / "eval").mkdir(parents=True)
+        for item in (sweep / run / "eval").iterdir():
+            if item.is_file():
+                (copy / run / "eval" / item.name).write_bytes(item.read_bytes())
+    record = json.loads((copy / "0" / "eval" / "metrics.json").read_text())
+    assert record["grids"]["grid"] == "grid.png"
+    monkeypatch.setenv("DREAMBOOTH_SWEEP_DIR", str(copy))
+    notebook = nbformat.read(REPO / "notebooks" / "analysis.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    )
+    client.execute()
+    figures = copy / "report" / "figures"
+    assert sorted(p.name for p in figures.glob("*.png")) == [
+        "class_noun_ablation.png",
+        "dino_vs_clip_t.png",
+        "grids.png",
+        "ppl_ablation.png",
+        "table1.png",
+    ]
+    shown = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(shown) == 5  # every figure is also displayed inline
