@@ -65,20 +65,31 @@ class ClassImageCache:
     def paths(self, prompt: str, num_images: int) -> list[Path]:
         return [self.folder(prompt) / f"{index:05d}.png" for index in range(num_images)]
 
-    def missing(self, prompt: str, num_images: int) -> list[int]:
-        return [i for i, path in enumerate(self.paths(prompt, num_images)) if not is_readable_image(path)]
+    def missing(self, prompt: str, num_images: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Indices without a readable image, among those `rank` of `world_size` is responsible for."""
+        paths = self.paths(prompt, num_images)
+        return [i for i in range(rank, num_images, world_size) if not is_readable_image(paths[i])]
 
-    def ensure(self, prompt: str, num_images: int) -> int:
-        """Generate whatever is missing; return how many images were made."""
-        todo = self.missing(prompt, num_images)
+    def ensure(self, prompt: str, num_images: int, rank: int = 0, world_size: int = 1) -> int:
+        """Generate whatever is missing; return how many images this process made.
+
+        Under distributed training every rank calls this with its global rank and makes the missing
+        images i with i % world_size == rank: no image is made twice and image i still comes from seed + i.
+        Ranks touch only their own files (temporary ones included). A single process keeps the manifest
+        current as it goes; with several, one rank calls `write_manifest` once all have finished, since
+        concurrent snapshots of the folder could replace a fuller manifest with an older one.
+        """
+        todo = self.missing(prompt, num_images, rank, world_size)
         folder = self.folder(prompt)
+        share = "" if world_size == 1 else f" (rank {rank} of {world_size})"
         if not todo:
-            log.info("Class images: all %d for %r are cached in %s", num_images, prompt, folder)
+            log.info("Class images: all %d for %r are cached in %s%s", num_images, prompt, folder, share)
             return 0
-        log.info("Class images: generating %d of %d for %r into %s", len(todo), num_images, prompt, folder)
+        log.info("Class images: generating %d of %d for %r into %s%s", len(todo), num_images, prompt, folder, share)
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".*.png"):  # temporary files of a run that was killed mid-write
-            stale.unlink()
+            if _temp_file_index(stale) % world_size == rank:
+                stale.unlink(missing_ok=True)
         paths = self.paths(prompt, num_images)
         pipe = self._load_pipeline()
         try:
@@ -86,7 +97,8 @@ class ClassImageCache:
                 pipe, [prompt] * len(todo), [self.seed + i for i in todo], self.sampler, desc="class images"
             ):
                 save_atomically(image, paths[todo[position]])
-                self._write_manifest(prompt, num_images)
+                if world_size == 1:
+                    self.write_manifest(prompt, num_images)
         finally:
             del pipe
             gc.collect()
@@ -95,9 +107,11 @@ class ClassImageCache:
         return len(todo)
 
     def _load_pipeline(self):
-        return load_pipeline(self.pretrained, self.device, self.dtype, revision=self.revision)
+        dtype = self.dtype or ("float16" if torch.device(self.device).type == "cuda" else None)  # half on GPU
+        return load_pipeline(self.pretrained, self.device, dtype, revision=self.revision)
 
-    def _write_manifest(self, prompt: str, num_images: int) -> None:
+    def write_manifest(self, prompt: str, num_images: int) -> None:
+        """Record the key and the images present; files appear by atomic rename, so readers see a whole one."""
         folder = self.folder(prompt)
         done = sorted(p.name for p in folder.glob("*.png") if not p.name.startswith("."))
         manifest = {"key": self.key(prompt), "requested": num_images, "images": done}
@@ -105,3 +119,9 @@ class ClassImageCache:
         with os.fdopen(fd, "w") as handle:
             json.dump(manifest, handle, indent=2)
         os.replace(tmp, folder / MANIFEST)
+
+
+def _temp_file_index(path: Path) -> int:
+    """The image index in a temporary name `.<index>-<random>.png` (see `save_atomically`); 0 if there is none."""
+    stem = path.name[1:].split("-", 1)[0]
+    return int(stem) if stem.isdigit() else 0

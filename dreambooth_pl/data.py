@@ -47,22 +47,29 @@ def load_instance_images(folder: str, resolution: int, skip_unreadable: bool = F
 class ResumableSampler(Sampler):
     """Shuffles per epoch from (seed, epoch) and gives each item its own augmentation seed.
 
-    Order and augmentation depend only on (seed, epoch, position), and `resume_at` = (epoch, items)
+    Order and augmentation depend only on (seed, epoch, position), and `resume_at` = (epoch, positions)
     passes over the items a checkpoint already trained on, so a run resumed mid-epoch sees exactly the
-    items that an uninterrupted run would have.
+    items that an uninterrupted run would have. Under distributed training rank r of W takes positions
+    r, r + W, ... of that one order, in whole rounds so that every rank has as many items (one round,
+    wrapping around, when there are fewer items than ranks): W ranks with batch b train on the items one
+    process with batch W x b would.
     """
 
-    def __init__(self, size: int, seed: int, resume_at: tuple[int, int] | None = None):
+    def __init__(
+        self, size: int, seed: int, resume_at: tuple[int, int] | None = None, rank: int = 0, world_size: int = 1
+    ):
         self.size = size
         self.seed = seed
         self.epoch = 0
         self.resume_at = resume_at
+        self.rank = rank
+        self.world_size = world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return max(1, self.size // self.world_size)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) % 2**63)
@@ -70,8 +77,10 @@ class ResumableSampler(Sampler):
         item_seeds = torch.randint(0, 2**31 - 1, (self.size,), generator=generator).tolist()
         start = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.epoch else 0
         self.resume_at = None
-        for position in range(start, self.size):
-            yield order[position], item_seeds[position]
+        remaining = self.size - start
+        rounds = max(1, remaining // self.world_size) if remaining > 0 else 0
+        for position in range(start + self.rank, start + rounds * self.world_size, self.world_size):
+            yield order[position % self.size], item_seeds[position % self.size]
 
 
 class DreamBoothDataset(Dataset):
@@ -175,24 +184,44 @@ class DreamBoothDataModule(L.LightningDataModule):
         self._epoch_counted = 0
         self._resume: dict | None = None
 
-    def prepare_data(self) -> None:
-        if self.class_dir_paths is None and self.class_images is not None:
-            self.class_images.ensure(self.class_prompt, self.num_class_images)
-
     def setup(self, stage: str | None = None) -> None:
+        """Runs on every rank (unlike `prepare_data`, which Lightning runs on one rank per node), so that
+        under distributed training all ranks share the class-image generation."""
         class_paths = self.class_dir_paths
         if class_paths is None and self.class_images is not None:
-            class_paths = self.class_images.paths(self.class_prompt, self.num_class_images)
+            class_paths = self._generate_class_images()
         self.dataset = DreamBoothDataset(
             self.instance_images, self.instance_prompt, self.transform, class_paths, self.class_prompt
         )
 
+    def _generate_class_images(self) -> list[Path]:
+        """Each rank makes its share of the missing class images, then all wait and read the same files."""
+        cache, prompt, count = self.class_images, self.class_prompt, self.num_class_images
+        rank, world_size = self._rank_and_world_size()
+        cache.ensure(prompt, count, rank, world_size)
+        if world_size > 1:
+            self.trainer.strategy.barrier("class_images")
+            if rank == 0:
+                cache.write_manifest(prompt, count)
+            missing = cache.missing(prompt, count)
+            if missing:
+                raise FileNotFoundError(
+                    f"Rank {rank} cannot see {len(missing)} class image(s) the other ranks made in "
+                    f"{cache.folder(prompt)}: under multi-node training paths.cache_dir must be a folder "
+                    "that every node shares."
+                )
+        return cache.paths(prompt, count)
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Count items as they reach training (not when prefetched), per epoch."""
+        """Count positions of the sampler's order as they reach training (not when prefetched), per epoch:
+        the ranks advance in step, each taking one position in every round of world_size."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if epoch != self._epoch_counted:
             self._epoch_counted, self.items_trained = epoch, 0
-        self.items_trained += int((~batch["is_prior"]).sum())
+        self.items_trained += int((~batch["is_prior"]).sum()) * self._rank_and_world_size()[1]
         return batch
 
     def state_dict(self) -> dict:
@@ -207,13 +236,14 @@ class DreamBoothDataModule(L.LightningDataModule):
             resume_at = (self._resume["epoch"], self._resume["items_trained"])
             self._epoch_counted, self.items_trained = resume_at
             self._resume = None
-        sampler = ResumableSampler(len(self.dataset), self.seed, resume_at)
+        # Sharded here, not by Lightning (trainer.use_distributed_sampler=false), which would shuffle again.
+        sampler = ResumableSampler(len(self.dataset), self.seed, resume_at, *self._rank_and_world_size())
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
-            drop_last=len(self.dataset) >= self.batch_size,
+            drop_last=len(sampler) >= self.batch_size,
             persistent_workers=self.num_workers > 0,
         )

@@ -102,7 +102,8 @@ class DreamBoothModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
         if self._generator_state is not None:
-            self.noise_generator.set_state(self._generator_state)
+            states = self._generator_state  # one row per rank; a single state from older checkpoints
+            self.noise_generator.set_state(states[self.global_rank].clone() if states.dim() == 2 else states)
             self._generator_state = None
 
     def train(self, mode: bool = True):
@@ -177,13 +178,15 @@ class DreamBoothModule(L.LightningModule):
         if loss.prior is not None:
             self.log("train/prior_loss", loss.prior, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        if not torch.isfinite(loss.total):
+        # Every rank stops together (saving is collective), even when one rank alone sees the bad loss.
+        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss.total).item(), all=False):
             # The weights still hold the last good step: keep them before stopping.
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
             self.trainer.save_checkpoint(path)
             raise FloatingPointError(
-                f"Training loss became {loss.total.item()} at step {self.global_step}; the last good state is "
-                f"saved in {path}. Lower module.optimizer.lr or set trainer.gradient_clip_val."
+                f"Training loss became non-finite ({loss.total.item()} on rank {self.global_rank}) at step "
+                f"{self.global_step}; the last good state is saved in {path}. Lower module.optimizer.lr or set "
+                "trainer.gradient_clip_val."
             )
         return loss.total
 
@@ -203,7 +206,11 @@ class DreamBoothModule(L.LightningModule):
         for key in [k for k in state if k not in learns]:
             del state[key]
         if self.noise_generator is not None:
-            checkpoint["noise_generator_state"] = self.noise_generator.get_state()
+            # Every rank's state (this hook runs on all ranks together), so that each resumes its own stream.
+            state = self.noise_generator.get_state()
+            if self.trainer.world_size > 1:
+                state = self.all_gather(state.to(self.device)).cpu()
+            checkpoint["noise_generator_state"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._generator_state = checkpoint.get("noise_generator_state")
