@@ -23,8 +23,10 @@ from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.prompts import fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
-# The frozen VAE (and text encoder) are in eval mode on purpose.
+# The frozen VAE (and text encoder) are in eval mode on purpose, and the datamodule's checkpointed state
+# (data.py) is what makes a mid-epoch resume exact, which Lightning's dataloader check cannot see.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def prior_active(prior: DictConfig) -> bool:
