@@ -8,7 +8,6 @@ nothing, a killed run resumes where it stopped, and a deleted or corrupt image i
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dreambooth_pl.images import is_readable_image, save_atomically
-from dreambooth_pl.models import load_pipeline
+from dreambooth_pl.models import loaded_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 
 log = logging.getLogger(__name__)
@@ -91,24 +90,15 @@ class ClassImageCache:
             if _temp_file_index(stale) % world_size == rank:
                 stale.unlink(missing_ok=True)
         paths = self.paths(prompt, num_images)
-        pipe = self._load_pipeline()
-        try:
+        dtype = self.dtype or ("float16" if torch.device(self.device).type == "cuda" else None)  # half on GPU
+        with loaded_pipeline(self.pretrained, self.device, dtype, revision=self.revision) as pipe:
             for position, image in render(
                 pipe, [prompt] * len(todo), [self.seed + i for i in todo], self.sampler, desc="class images"
             ):
                 save_atomically(image, paths[todo[position]])
                 if world_size == 1:
                     self.write_manifest(prompt, num_images)
-        finally:
-            del pipe
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         return len(todo)
-
-    def _load_pipeline(self):
-        dtype = self.dtype or ("float16" if torch.device(self.device).type == "cuda" else None)  # half on GPU
-        return load_pipeline(self.pretrained, self.device, dtype, revision=self.revision)
 
     def write_manifest(self, prompt: str, num_images: int) -> None:
         """Record the key and the images present; files appear by atomic rename, so readers see a whole one."""

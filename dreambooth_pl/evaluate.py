@@ -12,7 +12,6 @@ Training calls `evaluate_run` after export when `eval.enabled` is true; on its o
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -22,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -44,7 +42,7 @@ from dreambooth_pl.metrics import (
     lpips_input,
     self_similarity,
 )
-from dreambooth_pl.models import load_pipeline
+from dreambooth_pl.models import loaded_pipeline
 from dreambooth_pl.prompts import fill_prompt
 from dreambooth_pl.sampling import SamplerSettings, render
 
@@ -172,19 +170,13 @@ def generate_missing(
     _write_json_atomically({"model": model, "sampler": setting, "images": {**known, **wanted}}, manifest_path)
     if not todo:
         return 0
-    pipe = load_pipeline(pipeline_dir, device, dtype)
-    try:
+    with loaded_pipeline(pipeline_dir, device, dtype) as pipe:
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         settings = SamplerSettings(**{**sampler, "resolution": sampler["resolution"] or native})
         for index, image in render(
             pipe, [j.prompt for j in todo], [j.seed for j in todo], settings, desc="eval images"
         ):
             save_atomically(image, images_dir / todo[index].file)
-    finally:
-        del pipe
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     return len(todo)
 
 

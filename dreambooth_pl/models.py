@@ -6,9 +6,12 @@ diffusers layout and then loaded back with `from_pretrained`, so tests exercise 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,21 @@ def load_pipeline(
         **extra,
     )
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@contextmanager
+def loaded_pipeline(
+    pretrained: str, device: str | None = None, dtype: str | None = None, revision: str | None = None
+) -> Iterator[StableDiffusionPipeline]:
+    """A pipeline for one block of generation; its memory (GPU included) is released afterwards."""
+    pipe = load_pipeline(pretrained, device, dtype, revision)
+    try:
+        yield pipe
+    finally:
+        del pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def assemble_pipeline(components: Components, **overrides: Any) -> StableDiffusionPipeline:

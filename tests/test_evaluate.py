@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dreambooth_pl import evaluate as evaluate_module
+from dreambooth_pl import models as models_module
 from dreambooth_pl.dreambench import read_class_table, read_prompt_lists, subject_prompts
 from dreambooth_pl.evaluate import (
     ImageJob,
@@ -193,7 +194,7 @@ def fake_renderer(monkeypatch):
     """Count pipeline loads and rendered seeds; an image's colour encodes its seed."""
     calls = {"loads": 0, "seeds": [], "resolution": None}
 
-    def load_pipeline(pipeline, device=None, dtype=None):
+    def load_pipeline(pipeline, device=None, dtype=None, revision=None):
         calls["loads"] += 1
         return types.SimpleNamespace(unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=4)),
                                      vae_scale_factor=2)  # fmt: skip
@@ -204,7 +205,7 @@ def fake_renderer(monkeypatch):
             calls["seeds"].append(seed)
             yield index, Image.new("RGB", (settings.resolution,) * 2, (seed % 256, 0, 0))
 
-    monkeypatch.setattr(evaluate_module, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(models_module, "load_pipeline", load_pipeline)
     monkeypatch.setattr(evaluate_module, "render", render)
     return calls
 
@@ -311,7 +312,7 @@ def test_rerun_reuses_every_image(sweep, tmp_path_factory, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a rerun must not load the model")
 
-    monkeypatch.setattr(evaluate_module, "load_pipeline", no_model)
+    monkeypatch.setattr(models_module, "load_pipeline", no_model)
     before = read_metrics(sweep / "1")
     models = tiny_embedding_models(tmp_path_factory.getbasetemp() / "embedders")
     cfg = compose_eval(
