@@ -1,6 +1,7 @@
 """The frozen model's own images of "a [class noun]", cached on disk for prior preservation.
 
-A cache folder is keyed by everything that decides the pixels (model, prompt, sampler settings, seed),
+A cache folder is keyed by everything that decides the pixels (the model's contents, prompt, sampler
+settings, seed, device type and dtype),
 image i always uses seed `seed + i`, and files appear only by atomic rename. So a second run generates
 nothing, a killed run resumes where it stopped, and a deleted or corrupt image is simply made again.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dreambooth_pl.images import is_readable_image, save_atomically
-from dreambooth_pl.models import loaded_pipeline
+from dreambooth_pl.models import loaded_pipeline, model_fingerprint
 from dreambooth_pl.sampling import SamplerSettings, render
 
 log = logging.getLogger(__name__)
@@ -34,23 +35,30 @@ class ClassImageCache:
         sampler: SamplerSettings | dict,
         seed: int = 0,
         revision: str | None = None,
+        variant: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
     ):
         self.cache_dir = Path(cache_dir)
         self.pretrained = pretrained
         self.revision = revision
+        self.variant = variant
         self.sampler = sampler if isinstance(sampler, SamplerSettings) else SamplerSettings(**sampler)
         self.seed = seed
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype
+        # half precision on a GPU, full on a CPU (where half-precision convolutions are slow or missing)
+        self.dtype = dtype or ("float16" if torch.device(self.device).type == "cuda" else "float32")
 
     def key(self, prompt: str) -> dict:
         settings = dataclasses.asdict(self.sampler)
         settings.pop("batch_size")  # batching changes pixels only by float rounding
         return {
             "pretrained": self.pretrained,
+            "fingerprint": model_fingerprint(self.pretrained),
             "revision": self.revision,
+            "variant": self.variant,
+            "device": torch.device(self.device).type,
+            "dtype": self.dtype,
             "prompt": prompt,
             "seed": self.seed,
             **settings,
@@ -90,8 +98,7 @@ class ClassImageCache:
             if _temp_file_index(stale) % world_size == rank:
                 stale.unlink(missing_ok=True)
         paths = self.paths(prompt, num_images)
-        dtype = self.dtype or ("float16" if torch.device(self.device).type == "cuda" else None)  # half on GPU
-        with loaded_pipeline(self.pretrained, self.device, dtype, revision=self.revision) as pipe:
+        with loaded_pipeline(self.pretrained, self.device, self.dtype, self.revision, self.variant) as pipe:
             for position, image in render(
                 pipe, [prompt] * len(todo), [self.seed + i for i in todo], self.sampler, desc="class images"
             ):

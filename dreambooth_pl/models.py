@@ -68,6 +68,22 @@ def check_pretrained(pretrained: str) -> None:
         )
 
 
+def model_fingerprint(pretrained: str) -> str:
+    """A digest of a model's contents, for caches of what it renders: a local folder is read as its
+    files' names, sizes and modification times (and whole config files), so replacing the weights at the
+    same path gives a new fingerprint; a hub id stands for itself (its revision is keyed separately)."""
+    folder = Path(pretrained).expanduser()
+    if not folder.is_dir():
+        return f"hub:{pretrained}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        if path.suffix in (".json", ".txt"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _from_pretrained(cls, pretrained: str, subfolder: str, **kwargs):
     try:
         return cls.from_pretrained(pretrained, subfolder=subfolder, **kwargs)
@@ -98,7 +114,11 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
 
 
 def load_pipeline(
-    pretrained: str, device: str | None = None, dtype: str | None = None, revision: str | None = None
+    pretrained: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> StableDiffusionPipeline:
     """A whole pipeline for inference; dtype is a torch dtype name such as "float16".
 
@@ -107,7 +127,7 @@ def load_pipeline(
     folder = Path(pretrained)
     for weights, attach in ((LORA_WEIGHTS, "load_lora_weights"), (TEXTUAL_INVERSION_WEIGHTS, "load_textual_inversion")):
         if (folder / weights).exists():
-            pipe = load_pipeline(read_run_info(folder)["base_model"], device, dtype, revision)
+            pipe = load_pipeline(read_run_info(folder)["base_model"], device, dtype, revision, variant)
             getattr(pipe, attach)(str(folder), weight_name=weights)
             return pipe
     check_pretrained(pretrained)
@@ -115,6 +135,7 @@ def load_pipeline(
     pipe = StableDiffusionPipeline.from_pretrained(
         pretrained,
         revision=revision,
+        variant=variant,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -125,10 +146,14 @@ def load_pipeline(
 
 @contextmanager
 def loaded_pipeline(
-    pretrained: str, device: str | None = None, dtype: str | None = None, revision: str | None = None
+    pretrained: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> Iterator[StableDiffusionPipeline]:
     """A pipeline for one block of generation; its memory (GPU included) is released afterwards."""
-    pipe = load_pipeline(pretrained, device, dtype, revision)
+    pipe = load_pipeline(pretrained, device, dtype, revision, variant)
     try:
         yield pipe
     finally:
