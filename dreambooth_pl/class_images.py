@@ -12,12 +12,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
+from dreambooth_pl.files import atomic_file
 from dreambooth_pl.images import is_readable_image, save_atomically
 from dreambooth_pl.models import loaded_pipeline, model_fingerprint
 from dreambooth_pl.sampling import SamplerSettings, render
@@ -25,6 +25,7 @@ from dreambooth_pl.sampling import SamplerSettings, render
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MANIFEST_EVERY = 100  # images between manifest rewrites during generation
 
 
 class ClassImageCache:
@@ -82,10 +83,18 @@ class ClassImageCache:
 
         Under distributed training every rank calls this with its global rank and makes the missing
         images i with i % world_size == rank: no image is made twice and image i still comes from seed + i.
-        Ranks touch only their own files (temporary ones included). A single process keeps the manifest
-        current as it goes; with several, one rank calls `write_manifest` once all have finished, since
-        concurrent snapshots of the folder could replace a fuller manifest with an older one.
+        Ranks touch only their own files (temporary ones included). A single process rewrites the manifest
+        every MANIFEST_EVERY images and at the end; with several, one rank calls `write_manifest` once all
+        have finished, since concurrent snapshots of the folder could replace a fuller manifest with an older one.
         """
+        folder = self.folder(prompt)
+        folder.mkdir(parents=True, exist_ok=True)
+        # One process per share of a folder generates; another run needing the same images waits on the
+        # lock and then finds them made. Only the lock holder clears temporary files, so none in flight is.
+        with FileLock(folder / f".lock-{rank}-of-{world_size}"):
+            return self._generate_missing(prompt, num_images, rank, world_size)
+
+    def _generate_missing(self, prompt: str, num_images: int, rank: int, world_size: int) -> int:
         todo = self.missing(prompt, num_images, rank, world_size)
         folder = self.folder(prompt)
         share = "" if world_size == 1 else f" (rank {rank} of {world_size})"
@@ -93,7 +102,6 @@ class ClassImageCache:
             log.info("Class images: all %d for %r are cached in %s%s", num_images, prompt, folder, share)
             return 0
         log.info("Class images: generating %d of %d for %r into %s%s", len(todo), num_images, prompt, folder, share)
-        folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".*.png"):  # temporary files of a run that was killed mid-write
             if _temp_file_index(stale) % world_size == rank:
                 stale.unlink(missing_ok=True)
@@ -103,8 +111,12 @@ class ClassImageCache:
                 pipe, [prompt] * len(todo), [self.seed + i for i in todo], self.sampler, desc="class images"
             ):
                 save_atomically(image, paths[todo[position]])
-                if world_size == 1:
+                # the manifest is only a record (images are found by their files): rewriting it after
+                # every image would cost more than the image itself in a folder of many thousands
+                if world_size == 1 and (position + 1) % MANIFEST_EVERY == 0:
                     self.write_manifest(prompt, num_images)
+        if world_size == 1:
+            self.write_manifest(prompt, num_images)
         return len(todo)
 
     def write_manifest(self, prompt: str, num_images: int) -> None:
@@ -112,10 +124,8 @@ class ClassImageCache:
         folder = self.folder(prompt)
         done = sorted(p.name for p in folder.glob("*.png") if not p.name.startswith("."))
         manifest = {"key": self.key(prompt), "requested": num_images, "images": done}
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=folder)
-        with os.fdopen(fd, "w") as handle:
+        with atomic_file(folder / MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=2)
-        os.replace(tmp, folder / MANIFEST)
 
 
 def _temp_file_index(path: Path) -> int:

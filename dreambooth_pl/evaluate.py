@@ -16,11 +16,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from filelock import FileLock
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from dreambooth_pl.dreambench import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.export import read_run_info
+from dreambooth_pl.files import atomic_file
 from dreambooth_pl.images import image_grid, is_readable_image, list_images, load_rgb, save_atomically
 from dreambooth_pl.metrics import (
     ClipEmbedder,
@@ -42,7 +43,7 @@ from dreambooth_pl.metrics import (
     lpips_input,
     self_similarity,
 )
-from dreambooth_pl.models import loaded_pipeline
+from dreambooth_pl.models import loaded_pipeline, model_fingerprint
 from dreambooth_pl.prompts import fill_prompt
 from dreambooth_pl.sampling import SamplerSettings, render
 
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
 # Image i of prompt p uses seed + SEED_STRIDE * p + i: asking for more images per prompt later keeps the
 # earlier ones (and their files) valid.
 SEED_STRIDE = 1000
@@ -107,15 +109,8 @@ def saved_run_config(run_dir: str | os.PathLike) -> DictConfig | None:
 
 
 def _write_json_atomically(data: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=2)
     return path
 
 
@@ -149,35 +144,49 @@ def generate_missing(
     """Render the images that are not on disk yet (or were made with other settings); return how many.
 
     `manifest.json` records the model and sampler each file was made with, so a rerun reuses finished
-    images, a killed run resumes, and a changed model or sampler never reuses stale pictures.
+    images, a killed run resumes, and a changed model or sampler never reuses stale pictures. The model is
+    recorded by its contents (a retrain into the same folder changes its weight files), not only its path;
+    a LoRA or Textual Inversion folder's own files are enough, as its dreambooth.json names the base model.
     """
-    model = {"pipeline": str(Path(pipeline_dir).resolve()), "run_info": read_run_info(pipeline_dir)}
-    setting = {key: value for key, value in sampler.items() if key != "batch_size"}  # batching: rounding only
-    manifest_path = images_dir / MANIFEST
-    old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    same_model = old.get("model") == model and old.get("sampler") == setting
-    known = old.get("images", {}) if same_model else {}
-    wanted = {job.file: {"prompt": job.prompt, "seed": job.seed} for job in jobs}
-    todo = [
-        job for job in jobs if known.get(job.file) != wanted[job.file] or not is_readable_image(images_dir / job.file)
-    ]
-    log.info(
-        "Eval images: %d of %d on disk, %d to generate in %s", len(jobs) - len(todo), len(jobs), len(todo), images_dir
-    )
+    model = {
+        "pipeline": str(Path(pipeline_dir).resolve()),
+        "fingerprint": model_fingerprint(pipeline_dir),
+        "run_info": read_run_info(pipeline_dir),
+    }
     images_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*images_dir.glob(".*.png"), *(images_dir / job.file for job in todo)]:
-        stale.unlink(missing_ok=True)  # before the manifest names the new settings, so no stale file passes
-    _write_json_atomically({"model": model, "sampler": setting, "images": {**known, **wanted}}, manifest_path)
-    if not todo:
-        return 0
-    with loaded_pipeline(pipeline_dir, device, dtype) as pipe:
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        settings = SamplerSettings(**{**sampler, "resolution": sampler["resolution"] or native})
-        for index, image in render(
-            pipe, [j.prompt for j in todo], [j.seed for j in todo], settings, desc="eval images"
-        ):
-            save_atomically(image, images_dir / todo[index].file)
-    return len(todo)
+    # One process renders into a folder at a time; another evaluation of the same run waits, then reuses.
+    with FileLock(images_dir / LOCK_FILE):
+        setting = {key: value for key, value in sampler.items() if key != "batch_size"}  # batching: rounding only
+        manifest_path = images_dir / MANIFEST
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        same_model = old.get("model") == model and old.get("sampler") == setting
+        known = old.get("images", {}) if same_model else {}
+        wanted = {job.file: {"prompt": job.prompt, "seed": job.seed} for job in jobs}
+        todo = [
+            job
+            for job in jobs
+            if known.get(job.file) != wanted[job.file] or not is_readable_image(images_dir / job.file)
+        ]
+        log.info(
+            "Eval images: %d of %d on disk, %d to generate in %s",
+            len(jobs) - len(todo),
+            len(jobs),
+            len(todo),
+            images_dir,
+        )
+        for stale in [*images_dir.glob(".*.png"), *(images_dir / job.file for job in todo)]:
+            stale.unlink(missing_ok=True)  # before the manifest names the new settings, so no stale file passes
+        _write_json_atomically({"model": model, "sampler": setting, "images": {**known, **wanted}}, manifest_path)
+        if not todo:
+            return 0
+        with loaded_pipeline(pipeline_dir, device, dtype) as pipe:
+            native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            settings = SamplerSettings(**{**sampler, "resolution": sampler["resolution"] or native})
+            for index, image in render(
+                pipe, [j.prompt for j in todo], [j.seed for j in todo], settings, desc="eval images"
+            ):
+                save_atomically(image, images_dir / todo[index].file)
+        return len(todo)
 
 
 def _grid(images: list[Image.Image], cols: int | None, cell: int) -> Image.Image:

@@ -8,8 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.export import read_run_info
-from dreambooth_pl.images import image_grid, save_atomically
+from dreambooth_pl.export import read_run_info, write_dir_atomically
+from dreambooth_pl.images import image_grid
 from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.prompts import fill_prompt
 from dreambooth_pl.sampling import SamplerSettings, render
@@ -30,22 +30,25 @@ def generate(
     """Save one PNG per image and a grid (a row per prompt); return the grid's path.
 
     Templates may use {identifier} and {class_noun}: they are filled from the run's dreambooth.json.
+    The folder is replaced as a whole, so it holds exactly the images its prompts.txt lists.
     """
     info = read_run_info(pipeline)
     filled = [fill_prompt(t, info.get("identifier", ""), info.get("class_noun", "")) for t in prompts]
     settings = sampler if isinstance(sampler, SamplerSettings) else SamplerSettings(**sampler)
     rows = [p for p in filled for _ in range(images_per_prompt)]
     seeds = [seed + i % images_per_prompt for i in range(len(rows))]
-    out = Path(output_dir)
-    images = []
-    for index, image in render(load_pipeline(pipeline, device, dtype), rows, seeds, settings, desc="generate"):
-        prompt_index, image_index = divmod(index, images_per_prompt)
-        save_atomically(image, out / f"p{prompt_index:02d}_{image_index:02d}.png")
-        images.append(image)
-    (out / "prompts.txt").write_text("\n".join(filled) + "\n")
-    grid = save_atomically(image_grid(images, cols=images_per_prompt), out / "grid.png")
-    log.info("Wrote %d images and %s", len(images), grid)
-    return grid
+
+    def write(folder: Path) -> None:
+        images = []
+        for index, image in render(load_pipeline(pipeline, device, dtype), rows, seeds, settings, desc="generate"):
+            prompt_index, image_index = divmod(index, images_per_prompt)
+            image.save(folder / f"p{prompt_index:02d}_{image_index:02d}.png")
+            images.append(image)
+        (folder / "prompts.txt").write_text("\n".join(filled) + "\n")
+        image_grid(images, cols=images_per_prompt).save(folder / "grid.png")
+        log.info("Wrote %d images and a grid to %s", len(images), output_dir)
+
+    return write_dir_atomically(output_dir, write) / "grid.png"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")

@@ -6,12 +6,13 @@ import logging
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dreambooth_pl.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 def save_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write to a temporary name and rename, so a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=Image.registered_extensions()[path.suffix.lower()])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as handle:
+        image.save(handle, format=Image.registered_extensions()[path.suffix.lower()])
     return path
 
 

@@ -194,7 +194,7 @@ def fake_renderer(monkeypatch):
     """Count pipeline loads and rendered seeds; an image's colour encodes its seed."""
     calls = {"loads": 0, "seeds": [], "resolution": None}
 
-    def load_pipeline(pipeline, device=None, dtype=None, revision=None):
+    def load_pipeline(pipeline, device=None, dtype=None, revision=None, variant=None):
         calls["loads"] += 1
         return types.SimpleNamespace(unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=4)),
                                      vae_scale_factor=2)  # fmt: skip
@@ -331,3 +331,33 @@ def test_unreachable_embedding_model_fails_before_any_image_is_generated(tmp_pat
     assert fake_renderer["loads"] == 0 and not (tmp_path / "eval" / "images").exists()
     with pytest.raises(ImageFolderError, match="real_images_dir=.*does not exist"):
         evaluate_run(str(tmp_path), str(tmp_path), cfg, str(tmp_path / "photos"), "teapot", "teapot", "sks")
+
+
+def test_a_retrained_model_in_the_same_folder_regenerates_every_image(tmp_path, fake_renderer):
+    """Same folder, same dreambooth.json, new weights (a retrain with another learning rate): nothing is reused."""
+    pipeline, images = tmp_path / "pipeline", tmp_path / "eval" / "images"
+    (pipeline / "unet").mkdir(parents=True)
+    (pipeline / "dreambooth.json").write_text(json.dumps({"identifier": "sks", "steps": 10}))
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"old weights")
+    jobs = [ImageJob(f"p00_{i:02d}.png", "a sks teapot", 1000 + i, 0) for i in range(3)]
+    assert generate_missing(str(pipeline), jobs, images, SAMPLER) == 3
+    assert generate_missing(str(pipeline), jobs, images, SAMPLER) == 0
+    weights.write_bytes(b"new weights, retrained")
+    assert generate_missing(str(pipeline), jobs, images, SAMPLER) == 3
+
+
+def test_two_evaluations_started_together_render_each_image_once(tmp_path, tiny_pretrained):
+    from tests.test_robustness import start_together
+
+    images = tmp_path / "images"
+    script = (
+        "from pathlib import Path; from dreambooth_pl.evaluate import ImageJob, generate_missing;"
+        "jobs = [ImageJob(f'p00_{i:02d}.png', 'a sks teapot', i, 0) for i in range(6)];"
+        f"print('generated', generate_missing({tiny_pretrained!r}, jobs, Path({str(images)!r}), "
+        "{'num_inference_steps': 2, 'resolution': 32, 'batch_size': 1}))"
+    )
+    outputs = start_together([script, script], tmp_path)
+    counts = sorted(int(out.split("generated ")[-1]) for out in outputs)
+    assert counts == [0, 6], outputs  # one rendered everything, the other waited and reused it
+    assert sorted(p.name for p in images.glob("*.png")) == [f"p00_{i:02d}.png" for i in range(6)]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -12,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth_pl.class_images import ClassImageCache
-from dreambooth_pl.images import is_readable_image
+from dreambooth_pl.export import recover_leftovers, write_dir_atomically
+from dreambooth_pl.generate import generate
+from dreambooth_pl.images import is_readable_image, save_atomically
 from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.training import train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
@@ -28,6 +34,7 @@ RESUME_RUN = [
     "data.random_flip=true",
     "data.center_crop=false",
 ]
+SMALL_SAMPLER = {"num_inference_steps": 2, "resolution": 32, "batch_size": 4}
 
 
 def train_py(args: list[str], log: Path) -> subprocess.Popen:
@@ -159,3 +166,107 @@ def test_api_keys_never_reach_outputs(tmp_path, cache_dir):
     assert len(written) > 10
     for path in written:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def start_together(scripts: list[str], workdir: Path, timeout: float = 300) -> list[str]:
+    """Python snippets started at the same moment, each in its own process; their outputs (each must exit 0)."""
+    logs = [workdir / f"together-{i}.log" for i in range(len(scripts))]
+    procs = []
+    for script, log in zip(scripts, logs):
+        with log.open("w") as out:
+            procs.append(
+                subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            )
+    for proc, log in zip(procs, logs):
+        assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    return [log.read_text() for log in logs]
+
+
+def test_two_runs_sharing_a_class_image_cache_generate_each_image_once(tmp_path, tiny_pretrained):
+    script = (
+        "from dreambooth_pl.class_images import ClassImageCache;"
+        f"cache = ClassImageCache({str(tmp_path / 'cache')!r}, {tiny_pretrained!r}, "
+        "{'num_inference_steps': 2, 'resolution': 32, 'batch_size': 1});"
+        "print('generated', cache.ensure('a teapot', 8))"
+    )
+    outputs = start_together([script, script], tmp_path)
+    counts = sorted(int(out.split("generated ")[-1]) for out in outputs)
+    assert counts == [0, 8], outputs  # one process generated, the other waited on the lock and reused
+    folder = ClassImageCache(str(tmp_path / "cache"), tiny_pretrained, {"resolution": 32}).cache_dir
+    assert len(list(folder.glob("a_teapot-*/0*.png"))) == 8
+
+
+def _export_then_die_at(step: int, target: Path, version: str) -> None:
+    """In a child process: re-export `target` and die (no cleanup, as SIGKILL) just before its `step`-th
+    rename or delete."""
+    calls = {"n": 0}
+
+    def dying(fn):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == step:
+                os._exit(9)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    os.replace, shutil.rmtree = dying(os.replace), dying(shutil.rmtree)
+    write_dir_atomically(target, lambda folder: _fake_export(folder, version))
+    os._exit(0)
+
+
+def _fake_export(folder: Path, version: str) -> None:
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        (folder / part).mkdir()
+        (folder / part / "weights").write_text(version)
+
+
+def _export_version(folder: Path) -> str | None:
+    """The version of a complete export, None if any part is missing or mixed."""
+    versions = {(folder / part / "weights").read_text() for part in ("unet", "vae", "text_encoder", "scheduler")
+                if (folder / part / "weights").is_file()}  # fmt: skip
+    complete = all((folder / part / "weights").is_file() for part in ("unet", "vae", "text_encoder", "scheduler"))
+    return versions.pop() if complete and len(versions) == 1 else None
+
+
+def test_a_kill_at_any_moment_of_a_re_export_leaves_the_old_or_the_new_model(tmp_path):
+    """SIGKILL before each rename or delete of a re-export: the folder is whole (old or new), or the old one
+    is whole aside and the next export's start puts it back; no staging folder outlives the next export."""
+    context = multiprocessing.get_context("fork")
+    outcomes = set()
+    for step in range(1, 10):
+        target = tmp_path / f"kill{step}" / "pipeline"
+        write_dir_atomically(target, lambda folder: _fake_export(folder, "old"))
+        child = context.Process(target=_export_then_die_at, args=(step, target, "new"))
+        child.start()
+        child.join()
+        if child.exitcode == 0:
+            break
+        recover_leftovers(target)  # what the next export does first
+        outcomes.add(_export_version(target))
+        assert _export_version(target) in ("old", "new"), f"killed before operation {step}"
+        write_dir_atomically(target, lambda folder: _fake_export(folder, "newer"))
+        assert _export_version(target) == "newer"
+        assert [p.name for p in target.parent.iterdir()] == ["pipeline"]
+    assert outcomes == {"old", "new"} and child.exitcode == 0
+
+
+def test_written_files_follow_the_umask_so_a_group_can_read_an_export(tmp_path, tiny_pretrained):
+    old = os.umask(0o022)
+    try:
+        grid = generate(tiny_pretrained, ["a teapot"], str(tmp_path / "samples"), SMALL_SAMPLER, images_per_prompt=1)
+        save_atomically(Image.new("RGB", (8, 8)), tmp_path / "image.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "samples").stat().st_mode) == 0o755
+    for path in (grid, tmp_path / "samples" / "p00_00.png", tmp_path / "image.png"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_a_render_folder_holds_exactly_what_its_prompts_list(tmp_path, tiny_pretrained):
+    out = tmp_path / "final_samples"
+    generate(tiny_pretrained, ["a teapot", "a dog", "a cat"], str(out), SMALL_SAMPLER, images_per_prompt=1)
+    generate(tiny_pretrained, ["a red teapot"], str(out), SMALL_SAMPLER, images_per_prompt=2)
+    assert (out / "prompts.txt").read_text() == "a red teapot\n"
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00_00.png", "p00_01.png", "prompts.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["final_samples"]  # no staging folder left behind
