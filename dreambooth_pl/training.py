@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dreambooth_pl.checkpoints import resolve_ckpt_path
 from dreambooth_pl.config_utils import resolve_path
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.evaluate import evaluate_run, run_meta_from_config
@@ -104,6 +105,8 @@ def build_run(cfg: DictConfig) -> Run:
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    checkpoint_dir = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=str(output_dir / "checkpoints"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, output_dir)
     run = build_run(cfg)
     pretrained, method, prompts, datamodule, module = (
         run.pretrained,
@@ -119,7 +122,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({**run_config, "prompts": prompts})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     result = {"output_dir": str(output_dir), "global_step": trainer.global_step, "module": module, **prompts}
     if trainer.is_global_zero and cfg.export.enabled:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import errno
+import io
+import logging
 import multiprocessing
 import os
 import re
@@ -13,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dreambooth_pl.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
 from dreambooth_pl.class_images import ClassImageCache
 from dreambooth_pl.export import recover_leftovers, write_dir_atomically
 from dreambooth_pl.generate import generate
@@ -33,6 +39,8 @@ RESUME_RUN = [
     "export.samples.prompts=[]",
     "data.random_flip=true",
     "data.center_crop=false",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
 ]
 SMALL_SAMPLER = {"num_inference_steps": 2, "resolution": 32, "batch_size": 4}
 
@@ -54,35 +62,91 @@ def unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-@needs_dataset
-def test_killed_run_resumes_to_the_same_weights(tmp_path, cache_dir):
-    """SIGKILL mid-epoch, then `ckpt_path=last` in the same run folder: same final UNet as no kill."""
-    common = [*RESUME_RUN, f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = train_py([*common, f"hydra.run.dir={straight}"], tmp_path / "straight.log")
-    assert proc.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+def resume_args(run_dir: Path, cache_dir: Path) -> list[str]:
+    return [
+        *RESUME_RUN,
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.dreambooth_root={DREAMBOOTH_ROOT}",
+    ]
 
-    proc = train_py([*common, f"hydra.run.dir={killed}"], tmp_path / "killed.log")
-    last = killed / "checkpoints" / "last.ckpt"
+
+def csv_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, train/loss) of every row of the run's one CSV log."""
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
+    rows = csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open())
+    return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same final UNet and the same logged losses, step by step."""
+    wa, wb = unet_weights(a), unet_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-6, f"resumed weights differ by {worst}"
+    la, lb = csv_losses(a), csv_losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(150))  # no gap, no repeat
+    assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, cache_dir) -> Path:
+    """RESUME_RUN without any interruption: the reference for every resume test."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    proc = train_py(resume_args(run, cache_dir), run.parent / "straight.log")
+    assert proc.wait(timeout=600) == 0, (run.parent / "straight.log").read_text()[-3000:]
+    return run
+
+
+@needs_dataset
+def test_killed_run_resumes_to_the_same_weights(tmp_path, cache_dir, straight_run):
+    """SIGKILL mid-epoch, then `ckpt_path=last` in the same run folder: same final UNet as no kill, and one
+    CSV log (the rows up to the checkpoint were flushed with it) that reads as the uninterrupted run's."""
+    killed = tmp_path / "killed"
+    proc = train_py(resume_args(killed, cache_dir), tmp_path / "killed.log")
+    last, metrics = killed / "checkpoints" / "last.ckpt", killed / "csv" / "version_0" / "metrics.csv"
     deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
+    while not (last.exists() and metrics.exists()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "pipeline").exists(), "the run finished before it could be killed"
     step = torch.load(last, weights_only=True)["global_step"]
     assert 0 < step < 150 and step % 5, f"checkpoint at step {step} should be mid-epoch (5 steps an epoch)"
+    assert [s for s, _ in csv_losses(killed)][:step] == list(range(step))
 
-    proc = train_py([*common, f"hydra.run.dir={killed}", "ckpt_path=last"], tmp_path / "resumed.log")
+    proc = train_py([*resume_args(killed, cache_dir), "ckpt_path=last"], tmp_path / "resumed.log")
     proc.wait(timeout=600)
     out = (tmp_path / "resumed.log").read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "Restored all states" in out
+    assert_same_run(straight_run, killed)
 
-    a, b = unet_weights(straight), unet_weights(killed)
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-6, f"resumed weights differ by {worst}"
+
+class SigtermAtStep(L.Callback):
+    """Test helper (a `callbacks` entry of train.py): the process sends itself SIGTERM as step `step` begins."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@needs_dataset
+def test_sigterm_saves_the_current_step_exits_non_zero_and_resumes_exactly(tmp_path, cache_dir, straight_run):
+    run = tmp_path / "preempted"
+    sigterm = ["+callbacks.sigterm._target_=tests.test_robustness.SigtermAtStep", "+callbacks.sigterm.step=37"]
+    proc = train_py([*resume_args(run, cache_dir), *sigterm], tmp_path / "preempted.log")
+    assert proc.wait(timeout=600) == 143, (tmp_path / "preempted.log").read_text()[-3000:]
+    assert "Stopped by SIGTERM at step 38" in (tmp_path / "preempted.log").read_text()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 38
+    assert not (run / "pipeline").exists()
+
+    proc = train_py([*resume_args(run, cache_dir), "ckpt_path=last"], tmp_path / "resumed.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert_same_run(straight_run, run)
 
 
 def test_killed_class_image_generation_leaves_only_complete_images(tmp_path, tiny_pretrained):
@@ -270,3 +334,68 @@ def test_a_render_folder_holds_exactly_what_its_prompts_list(tmp_path, tiny_pret
     assert (out / "prompts.txt").read_text() == "a red teapot\n"
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00_00.png", "p00_01.png", "prompts.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["final_samples"]  # no staging folder left behind
+
+
+def test_a_checkpoint_file_is_always_whole_even_on_a_full_disk(tmp_path, monkeypatch):
+    """The fault: Lightning stages a checkpoint in $TMPDIR and moves it, a copy when the run folder is on
+    another filesystem; the disk filling up mid-copy left a truncated last.ckpt. Here: another filesystem
+    (rename fails with EXDEV) that fills up half-way through any copy, then a full disk during the write."""
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint_io = AtomicCheckpointIO()
+    checkpoint_io.save_checkpoint({"global_step": 1, "weights": torch.zeros(4096)}, path)
+    real_rename, real_save = os.rename, torch.save
+
+    def other_filesystem(src, dst, *args, **kwargs):
+        if Path(src).parent != Path(dst).parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst, *args, **kwargs)
+
+    def fills_up(src, dst, *args, **kwargs):
+        data = Path(src).read_bytes()
+        Path(dst).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", other_filesystem)
+    monkeypatch.setattr(shutil, "copyfile", fills_up)
+    try:
+        checkpoint_io.save_checkpoint({"global_step": 2, "weights": torch.ones(4096)}, path)
+    except OSError:
+        pass
+    assert checkpoint_step(path) in (1, 2)
+
+    def fills_up_while_writing(obj, handle, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        handle.write(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fills_up_while_writing)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_io.save_checkpoint({"global_step": 3, "weights": torch.ones(4096)}, path)
+    assert checkpoint_step(path) in (1, 2)
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@needs_dataset
+def test_resume_from_last_skips_an_unreadable_checkpoint(tmp_path, cache_dir, caplog):
+    first = [*FAST, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2", "export.enabled=false"]
+    train(compose_train(first, tmp_path, cache_dir))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # what a full disk left before checkpoints were written whole
+    (readable,) = tmp_path.glob("checkpoints/epoch=*-step=4.ckpt")
+    os.utime(readable, (time.time() - 60,) * 2)  # older than the truncated last.ckpt
+    with caplog.at_level(logging.WARNING):
+        result = train(compose_train([*FAST, "trainer.max_steps=6", "ckpt_path=last"], tmp_path, cache_dir))
+    assert "Skipping ckpt_path=" in caplog.text and "last.ckpt" in caplog.text
+    assert result["global_step"] == 6  # resumed at step 4, not from scratch
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(tmp_path, cache_dir, monkeypatch):
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("not a checkpoint")
+    monkeypatch.setattr(DreamBoothModule, "__init__", lambda *a, **k: pytest.fail("loaded weights first"))
+    with pytest.raises(CheckpointError, match=r"ckpt_path='.*notes.ckpt' is not a readable checkpoint") as err:
+        train(compose_train([*FAST, f"ckpt_path={notes}"], tmp_path, cache_dir))
+    assert "weights_only" not in str(err.value)
+    with pytest.raises(CheckpointError, match="no such file"):
+        train(compose_train([*FAST, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, cache_dir))
