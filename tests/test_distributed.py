@@ -161,6 +161,27 @@ def test_slurm_launcher_config_requests_the_gpus():
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy") and cfg.trainer.devices == "auto"
 
 
+def test_slurm_jobs_are_signalled_with_what_lightning_requeues_on():
+    """The job script asks SLURM for the signal Lightning's SLURM environment saves a checkpoint and
+    requeues on, not submitit's default (USR2), which would kill the job without a checkpoint."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    script = _make_sbatch_string(
+        command="python train.py",
+        folder="/tmp/submitit",
+        signal_delay_s=launcher.signal_delay_s,
+        additional_parameters=dict(launcher.additional_parameters),
+    )
+    signals = [line for line in script.splitlines() if line.startswith("#SBATCH --signal")]
+    requeue_signal = SLURMEnvironment().requeue_signal.name.removeprefix("SIG")
+    assert signals == [f"#SBATCH --signal={requeue_signal}@{launcher.signal_delay_s}"]
+
+
 def test_fsdp_config_builds_the_strategy():
     """Lightning runs FSDP on CUDA only, so on CPU the strategy object is built but not trained."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
