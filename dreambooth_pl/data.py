@@ -15,11 +15,12 @@ from dreambooth_pl.class_images import ClassImageCache
 from dreambooth_pl.images import ImageFolderError, ImageTransform, list_images, load_rgb
 
 log = logging.getLogger(__name__)
+SMALL_NAMES_SHOWN = 5  # photos named in the warning about photos below the training resolution
 
 
 def load_instance_images(folder: str, resolution: int, skip_unreadable: bool = False) -> list[Image.Image]:
     """Decode the subject's photos up front, so a bad file is reported before any model is loaded."""
-    images = []
+    images, small = [], []
     for path in list_images(folder):
         try:
             image = load_rgb(path)
@@ -29,16 +30,20 @@ def load_instance_images(folder: str, resolution: int, skip_unreadable: bool = F
             log.warning("Skipping %s (data.skip_unreadable=true)", err)
             continue
         if min(image.size) < resolution:
-            log.warning(
-                "%s is %dx%d, smaller than the training resolution %d: it will be upscaled.",
-                path,
-                image.width,
-                image.height,
-                resolution,
-            )
+            small.append(f"{path.name} ({image.width}x{image.height})")
         images.append(image)
     if not images:
         raise ImageFolderError(f"subject.instance_dir={folder!r}: no readable images.")
+    if small:  # one line, however many: a folder of 500 thumbnails is one problem, not 500
+        log.warning(
+            "%d of %d images in %s are smaller than the training resolution %d and will be upscaled: %s%s",
+            len(small),
+            len(images),
+            folder,
+            resolution,
+            ", ".join(small[:SMALL_NAMES_SHOWN]),
+            ", ..." if len(small) > SMALL_NAMES_SHOWN else "",
+        )
     if len(images) < 3:
         log.warning("%s has only %d image(s); DreamBooth expects 3-5 photos of the subject.", folder, len(images))
     return images

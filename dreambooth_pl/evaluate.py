@@ -98,14 +98,29 @@ def run_meta_from_config(cfg: DictConfig) -> dict:
 
 
 def saved_run_config(run_dir: str | os.PathLike) -> DictConfig | None:
-    """A training run's config from `<run>/.hydra`, with `${hydra:...}` answered by that run's own hydra.yaml."""
+    """A training run's config from `<run>/.hydra`, with `${hydra:...}` answered by that run's own hydra.yaml
+    and environment interpolations left unresolved."""
     saved = Path(run_dir) / ".hydra"
     if not (saved / "config.yaml").is_file():
         return None
-    cfg = OmegaConf.create((saved / "config.yaml").read_text().replace("${hydra:", "${hydra."))
+    cfg = OmegaConf.create(_without_env(OmegaConf.load(saved / "config.yaml")).replace("${hydra:", "${hydra."))
     if (saved / "hydra.yaml").is_file():
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(saved / "hydra.yaml"))
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(_without_env(OmegaConf.load(saved / "hydra.yaml"))))
     return cfg
+
+
+def _without_env(cfg: DictConfig) -> str:
+    """The config as YAML with every `${oc.env:...}` kept as literal text: this machine's environment (API
+    keys, tokens) is not the training run's, and must never be copied into metrics.json or a report."""
+
+    def escape(node):
+        if isinstance(node, dict):
+            return {key: escape(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [escape(value) for value in node]
+        return node.replace("${oc.env:", "\\${oc.env:") if isinstance(node, str) else node
+
+    return OmegaConf.to_yaml(OmegaConf.create(escape(OmegaConf.to_container(cfg, resolve=False))))
 
 
 def _write_json_atomically(data: dict, path: Path) -> Path:

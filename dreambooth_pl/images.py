@@ -17,6 +17,9 @@ from dreambooth_pl.files import atomic_file
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# What PIL raises for a file it cannot decode; a decompression bomb (an image so large that decoding it
+# could exhaust memory, such as a 20000x20000 PNG) is one, and `data.skip_unreadable` skips it like the rest.
+UNREADABLE = (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
 
 
 class ImageFolderError(ValueError):
@@ -26,13 +29,24 @@ class ImageFolderError(ValueError):
 def list_images(folder: str | os.PathLike, option: str = "subject.instance_dir") -> list[Path]:
     """Image files of a folder, sorted; other files are skipped with a note."""
     folder = Path(folder).expanduser()
+    if folder.is_symlink() and not folder.exists():
+        raise ImageFolderError(f"{option}={str(folder)!r} is a broken symbolic link or a link loop.")
     if not folder.is_dir():
         raise ImageFolderError(f"{option}={str(folder)!r}: folder does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    dangling = [p.name for p in entries if p.is_symlink() and not p.exists()]
+    files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     skipped = [p.name for p in files if p not in images]
     if skipped:
         log.info("%s: skipping non-image files %s", folder, ", ".join(skipped))
+    if dangling and not images:
+        raise ImageFolderError(
+            f"{option}={str(folder)!r} holds no images, only broken symbolic links or link loops: "
+            + ", ".join(dangling)
+        )
+    if dangling:
+        log.warning("%s: skipping broken symbolic links or link loops %s", folder, ", ".join(dangling))
     if not images:
         raise ImageFolderError(f"{option}={str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     return images
@@ -43,7 +57,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+    except UNREADABLE as err:
         raise ImageFolderError(f"{path}: cannot read image ({err}).") from err
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -71,7 +85,7 @@ def is_readable_image(path: str | os.PathLike) -> bool:
         with Image.open(path) as image:
             image.load()
         return True
-    except (OSError, UnidentifiedImageError, SyntaxError):
+    except UNREADABLE:
         return False
 
 

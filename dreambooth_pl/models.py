@@ -37,6 +37,16 @@ from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_
 log = logging.getLogger(__name__)
 
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Per subfolder, groups of file patterns of which each group needs a match (weights may be .bin, sharded or
+# a variant such as .fp16.safetensors).
+_WEIGHTS = ("*.safetensors", "*.bin")
+REQUIRED_FILES = {
+    "unet": [("config.json",), _WEIGHTS],
+    "vae": [("config.json",), _WEIGHTS],
+    "text_encoder": [("config.json",), _WEIGHTS],
+    "tokenizer": [("*.json", "*.txt")],
+    "scheduler": [("scheduler_config.json",)],
+}
 
 
 class ModelNotReachable(RuntimeError):
@@ -65,6 +75,17 @@ def check_pretrained(pretrained: str) -> None:
         raise ModelNotReachable(
             f"model.pretrained={pretrained!r} is not a diffusers pipeline folder (missing: {', '.join(missing)}). "
             "Point it at a folder written by `StableDiffusionPipeline.save_pretrained`."
+        )
+    incomplete = [
+        f"{sub}/ has no {' or '.join(patterns)}"
+        for sub, needs in REQUIRED_FILES.items()
+        for patterns in needs
+        if not any(next((path / sub).glob(pattern), None) for pattern in patterns)
+    ]
+    if incomplete:
+        raise ModelNotReachable(
+            f"model.pretrained={pretrained!r} is an incomplete diffusers pipeline folder: {'; '.join(incomplete)}. "
+            "An interrupted download or copy? Copy the model again."
         )
 
 

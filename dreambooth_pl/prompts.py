@@ -5,15 +5,22 @@ from __future__ import annotations
 import string
 
 
-def fill_prompt(template: str, identifier: str = "", class_noun: str = "") -> str:
-    """Fill `{identifier}` / `{class_noun}` and collapse spaces, so an empty noun gives "a sks"."""
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+def check_template(template: str, option: str = "prompt template") -> None:
+    """A template fills only `{identifier}` and `{class_noun}`; errors name the option that holds it."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:  # "Single '}' encountered in format string"
+        raise ValueError(f"{option}={template!r}: {err}; write a literal brace as {{{{ or }}}}.") from None
     unknown = fields - {"identifier", "class_noun"}
     if unknown:
         raise ValueError(
-            f"Prompt template {template!r} uses unknown field(s) {sorted(unknown)}; "
-            "use {identifier} and {class_noun}."
+            f"{option}={template!r} uses unknown field(s) {sorted(unknown)}; use {{identifier}} and {{class_noun}}."
         )
+
+
+def fill_prompt(template: str, identifier: str = "", class_noun: str = "") -> str:
+    """Fill `{identifier}` / `{class_noun}` and collapse spaces, so an empty noun gives "a sks"."""
+    check_template(template)
     return " ".join(template.format(identifier=identifier, class_noun=class_noun).split())
 
 

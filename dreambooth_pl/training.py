@@ -21,7 +21,7 @@ from dreambooth_pl.identifier import resolve_identifier
 from dreambooth_pl.methods import FineTuneMethod
 from dreambooth_pl.models import load_tokenizer
 from dreambooth_pl.module import DreamBoothModule
-from dreambooth_pl.prompts import fill_prompt, require_identifier
+from dreambooth_pl.prompts import check_template, fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
 # The frozen VAE (and text encoder) are in eval mode on purpose, and the datamodule's checkpointed state
@@ -38,8 +38,12 @@ def prior_active(prior: DictConfig) -> bool:
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would only fail after minutes of work."""
     problems = []
-    if cfg.model.resolution % 8:
+    if cfg.model.resolution <= 0:
+        problems.append(f"model.resolution={cfg.model.resolution} must be > 0")
+    elif cfg.model.resolution % 8:
         problems.append(f"model.resolution={cfg.model.resolution} must be a multiple of 8")
+    if cfg.data.batch_size < 1:
+        problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     if cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
     if cfg.prior.weight < 0:
@@ -52,7 +56,27 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     if problems:
         raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+    templates = {"prompts.instance": cfg.prompts.instance, "prompts.prior": cfg.prompts.prior}
+    templates.update({f"prompts.validation[{i}]": t for i, t in enumerate(cfg.prompts.validation)})
+    templates.update({f"export.samples.prompts[{i}]": t for i, t in enumerate(cfg.export.samples.prompts or [])})
+    for option, template in templates.items():
+        check_template(template, option)
     require_identifier(cfg.prompts.instance, "prompts.instance")
+    warn_unseen_class_images(cfg)
+
+
+def warn_unseen_class_images(cfg: DictConfig) -> None:
+    """Each step draws data.batch_size class images: more than steps x batch are generated for nothing."""
+    seen = cfg.trainer.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) * cfg.data.batch_size
+    if prior_active(cfg.prior) and not cfg.prior.class_dir and cfg.prior.num_images > seen:
+        log.warning(
+            "prior.num_images=%d but %d steps draw at most %d class images (trainer.max_steps x data.batch_size): "
+            "%d will be generated and never seen. Lower prior.num_images or raise trainer.max_steps.",
+            cfg.prior.num_images,
+            cfg.trainer.max_steps,
+            seen,
+            cfg.prior.num_images - seen,
+        )
 
 
 @dataclass

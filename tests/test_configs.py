@@ -76,6 +76,12 @@ def test_lambda_zero_is_prior_off(tmp_path):
         ("prior.num_images=0", "prior.num_images=0 must be >= 1"),
         ("subject.class_noun=''", "subject.class_noun is empty"),
         ("prompts.instance='a photo of {class_noun}'", "prompts.instance=.* must contain {identifier}"),
+        ("model.resolution=0", "model.resolution=0 must be > 0"),
+        ("model.resolution=-8", "model.resolution=-8 must be > 0"),
+        ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+        ("prompts.instance='a {identifier} }'", r"prompts.instance='a {identifier} }': Single '}'"),
+        ("prompts.prior='a {class_noun'", r"prompts.prior='a {class_noun'"),
+        ("prompts.validation=['a {identifier}','a {identifier} {x}']", r"prompts.validation\[1\]=.*unknown field"),
     ],
 )
 def test_bad_values_are_named(override, message, tmp_path):

@@ -138,6 +138,7 @@ def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
         Image.new("RGB", (40, 30), "red").save(tmp_path / f"{i}.png")
     with caplog.at_level(logging.WARNING):
         dm = DreamBoothDataModule(str(tmp_path), "a sks dog", 64)
-    assert "40x30, smaller than the training resolution 64" in caplog.text
+    assert "3 of 3 images in" in caplog.text and "smaller than the training resolution 64" in caplog.text
+    assert "0.png (40x30), 1.png (40x30), 2.png (40x30)" in caplog.text
     dm.setup()
     assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (1, 3, 64, 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -21,15 +22,18 @@ import lightning as L
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dreambooth_pl.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
 from dreambooth_pl.class_images import ClassImageCache
+from dreambooth_pl.data import DreamBoothDataModule
+from dreambooth_pl.evaluate import run_meta_from_config, saved_run_config
 from dreambooth_pl.export import recover_leftovers, write_dir_atomically
 from dreambooth_pl.generate import generate
-from dreambooth_pl.images import is_readable_image, save_atomically
+from dreambooth_pl.images import ImageFolderError, is_readable_image, list_images, save_atomically
+from dreambooth_pl.models import ModelNotReachable, check_pretrained
 from dreambooth_pl.module import DreamBoothModule
-from dreambooth_pl.training import train
+from dreambooth_pl.training import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 
 RESUME_RUN = [
@@ -399,3 +403,77 @@ def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(tmp_path
     assert "weights_only" not in str(err.value)
     with pytest.raises(CheckpointError, match="no such file"):
         train(compose_train([*FAST, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, cache_dir))
+
+
+def test_a_decompression_bomb_is_named_and_skipped_when_asked(tmp_path, monkeypatch):
+    for i in range(3):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / f"good{i}.png")
+    Image.new("1", (200, 200)).save(tmp_path / "bomb.png")  # a 20000x20000 PNG, scaled with PIL's limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    with pytest.raises(ImageFolderError, match="bomb.png: cannot read image.*decompression bomb"):
+        DreamBoothDataModule(str(tmp_path), "a sks dog", 64)
+    assert len(DreamBoothDataModule(str(tmp_path), "a sks dog", 64, skip_unreadable=True).instance_images) == 3
+    assert not is_readable_image(tmp_path / "bomb.png")
+
+
+def test_a_folder_of_link_loops_names_them(tmp_path):
+    (tmp_path / "photo.png").symlink_to(tmp_path / "photo.png")
+    with pytest.raises(ImageFolderError, match="only broken symbolic links or link loops: photo.png"):
+        list_images(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ImageFolderError, match="'.*loop' is a broken symbolic link or a link loop"):
+        list_images(tmp_path / "loop")
+
+
+def test_an_incomplete_model_folder_is_named(tmp_path, tiny_pretrained):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pretrained, model)
+    for path in (model / "unet").iterdir():
+        path.unlink()  # an interrupted copy
+    with pytest.raises(ModelNotReachable, match=r"incomplete diffusers pipeline.*unet/ has no config.json"):
+        check_pretrained(str(model))
+
+
+def test_many_small_photos_give_one_warning(tmp_path, caplog):
+    for i in range(40):
+        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i:03d}.png")
+    with caplog.at_level(logging.WARNING):
+        DreamBoothDataModule(str(tmp_path), "a sks dog", 64)
+    small = [r.getMessage() for r in caplog.records if "smaller than the training resolution" in r.getMessage()]
+    assert len(small) == 1 and small[0].startswith("40 of 40 images")
+    assert "000.png (32x32)" in small[0] and "039.png" not in small[0]
+
+
+def test_class_images_never_seen_are_warned_about_and_the_manifest_is_written_in_batches(
+    tmp_path, tiny_pretrained, caplog, monkeypatch
+):
+    with caplog.at_level(logging.WARNING):
+        check_config(compose_train(["prior.num_images=100000", "trainer.max_steps=3"], tmp_path, tmp_path))
+    assert "prior.num_images=100000 but 3 steps draw at most 3 class images" in caplog.text
+
+    writes = []
+    original = ClassImageCache.write_manifest
+    monkeypatch.setattr(ClassImageCache, "write_manifest", lambda self, *a: writes.append(a) or original(self, *a))
+    cache = ClassImageCache(str(tmp_path / "cache"), tiny_pretrained, {**SMALL_SAMPLER, "num_inference_steps": 1})
+    assert cache.ensure("a teapot", 12) == 12
+    assert len(writes) == 1  # once at the end (and every MANIFEST_EVERY images), not after each image
+    manifest = json.loads((cache.folder("a teapot") / "manifest.json").read_text())
+    assert manifest["images"] == [f"{i:05d}.png" for i in range(12)]
+
+
+def test_class_images_are_remade_when_the_weights_at_the_same_path_change(tmp_path, tiny_pretrained):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pretrained, model)
+    cache = ClassImageCache(str(tmp_path / "cache"), str(model), SMALL_SAMPLER)
+    assert cache.ensure("a teapot", 2) == 2
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # other weights, same path
+    assert cache.ensure("a teapot", 2) == 2
+
+
+def test_a_saved_config_is_read_without_this_machines_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOME_API_TOKEN", "secret-token-value")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("tags: ['${oc.env:SOME_API_TOKEN}']\nseed: 1\n")
+    meta = run_meta_from_config(saved_run_config(tmp_path))
+    assert meta["tags"] == ["${oc.env:SOME_API_TOKEN}"] and meta["seed"] == 1
