@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -49,6 +50,15 @@ def write_dir_atomically(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def recover_exports(folder: str | os.PathLike) -> None:
+    """`recover_leftovers` for every export in a run folder, at the start of a run: a killed re-export must
+    not leave the run without its model, nor a staging folder the size of a model, until the next export."""
+    pattern = re.compile(rf"^\.(.+)-(?:{STAGING}|{PREVIOUS})-[^-]+$")
+    names = {match.group(1) for path in Path(folder).glob(".*") if (match := pattern.match(path.name))}
+    for name in sorted(names):
+        recover_leftovers(Path(folder) / name)
 
 
 def recover_leftovers(target: str | os.PathLike) -> None:

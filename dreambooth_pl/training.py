@@ -10,12 +10,14 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.checkpoints import resolve_ckpt_path
 from dreambooth_pl.config_utils import resolve_path
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.evaluate import evaluate_run, run_meta_from_config
+from dreambooth_pl.export import recover_exports
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
 from dreambooth_pl.methods import FineTuneMethod
@@ -131,6 +133,8 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=str(output_dir / "checkpoints"))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, output_dir)
+    if rank_zero_only.rank == 0:
+        recover_exports(output_dir)
     run = build_run(cfg)
     pretrained, method, prompts, datamodule, module = (
         run.pretrained,

@@ -28,7 +28,7 @@ from dreambooth_pl.checkpoints import AtomicCheckpointIO, CheckpointError, check
 from dreambooth_pl.class_images import ClassImageCache
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.evaluate import run_meta_from_config, saved_run_config
-from dreambooth_pl.export import recover_leftovers, write_dir_atomically
+from dreambooth_pl.export import recover_exports, write_dir_atomically
 from dreambooth_pl.generate import generate
 from dreambooth_pl.images import ImageFolderError, is_readable_image, list_images, save_atomically
 from dreambooth_pl.models import ModelNotReachable, check_pretrained
@@ -310,9 +310,10 @@ def test_a_kill_at_any_moment_of_a_re_export_leaves_the_old_or_the_new_model(tmp
         child.join()
         if child.exitcode == 0:
             break
-        recover_leftovers(target)  # what the next export does first
+        recover_exports(target.parent)  # what the next run does first
         outcomes.add(_export_version(target))
         assert _export_version(target) in ("old", "new"), f"killed before operation {step}"
+        assert [p.name for p in target.parent.iterdir()] == ["pipeline"]  # no staging folder is left
         write_dir_atomically(target, lambda folder: _fake_export(folder, "newer"))
         assert _export_version(target) == "newer"
         assert [p.name for p in target.parent.iterdir()] == ["pipeline"]
