@@ -43,10 +43,11 @@ class _ResumingWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """`CSVLogger` with one version per run folder (0), whose rows reach disk with every checkpoint.
+    """`CSVLogger` with one version per run folder (0) that a resume continues.
 
-    After a kill, the file holds every row up to the last checkpoint, and the resumed run appends from
-    there: its metrics.csv reads as one uninterrupted run's.
+    Lightning writes the rows to disk as they are logged; after a kill, the resumed run drops the rows
+    past its checkpoint and appends from there, so metrics.csv reads as one uninterrupted run's (Lightning's
+    own logger would start a new version, or delete the file when given the same one).
     """
 
     def __init__(self, save_dir: str, name: str = "csv", version: int | str = 0, **kwargs: Any):
@@ -59,6 +60,3 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumingWriter(log_dir=self.log_dir)
         return self._experiment
-
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        self.save()

@@ -23,6 +23,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from filelock import FileLock
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -230,26 +231,31 @@ def build_random_pipeline(
     if (target / "model_index.json").exists():
         return str(target)
 
-    log.info("Building a random-weight pipeline in %s", target)
-    tok = _tokenizer_from_config(**spec["tokenizer"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_model = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tok),
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                max_position_embeddings=tok.model_max_length,
-                **spec["text_encoder"],
+    # Jobs started together (SLURM tasks, parallel sweep jobs) build it once: the others wait, then load it.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if (target / "model_index.json").exists():
+            return str(target)
+        log.info("Building a random-weight pipeline in %s", target)
+        tok = _tokenizer_from_config(**spec["tokenizer"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_model = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tok),
+                    bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                    max_position_embeddings=tok.model_max_length,
+                    **spec["text_encoder"],
+                )
             )
-        )
-        components = Components(
-            unet=UNet2DConditionModel(**spec["unet"]),
-            vae=AutoencoderKL(**spec["vae"]),
-            text_encoder=text_model,
-            tokenizer=tok,
-            noise_scheduler=DDPMScheduler(**spec["scheduler"]),
-        )
-    save_pipeline_atomically(assemble_pipeline(components), target)
+            components = Components(
+                unet=UNet2DConditionModel(**spec["unet"]),
+                vae=AutoencoderKL(**spec["vae"]),
+                text_encoder=text_model,
+                tokenizer=tok,
+                noise_scheduler=DDPMScheduler(**spec["scheduler"]),
+            )
+        save_pipeline_atomically(assemble_pipeline(components), target)
     return str(target)
