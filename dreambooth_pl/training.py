@@ -51,7 +51,15 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     if problems:
         raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
-    require_identifier(cfg.prompts.instance, "prompts.instance")
+    templates = instance_templates(cfg)
+    for i, template in enumerate(templates):
+        require_identifier(template, "prompts.instance" if len(templates) == 1 else f"prompts.instance[{i}]")
+
+
+def instance_templates(cfg: DictConfig) -> list[str]:
+    """`prompts.instance` is one template, or a list of which each training sample draws one."""
+    instance = cfg.prompts.instance
+    return [instance] if isinstance(instance, str) else list(instance)
 
 
 @dataclass
@@ -75,10 +83,11 @@ def build_run(cfg: DictConfig) -> Run:
     method = instantiate(cfg.method)
     identifier = method.prompt_token(resolve_identifier(tokenizer, **cfg.identifier))
     noun = cfg.prompts.instance_class_noun
+    instance = [fill_prompt(t, identifier, noun) for t in instance_templates(cfg)]
     prompts = {
         "identifier": identifier,
         "class_noun": noun,
-        "instance": fill_prompt(cfg.prompts.instance, identifier, noun),
+        "instance": instance[0] if isinstance(cfg.prompts.instance, str) else instance,
         "class": fill_prompt(cfg.prompts.prior, class_noun=cfg.subject.class_noun),
         "validation": [fill_prompt(t, identifier, noun) for t in cfg.prompts.validation],
     }
