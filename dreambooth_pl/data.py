@@ -91,19 +91,20 @@ class ResumableSampler(Sampler):
 class DreamBoothDataset(Dataset):
     """Item i pairs instance image i mod N with class image i mod M.
 
-    The few instance images are kept decoded in memory; class images are read lazily.
+    The few instance images are kept decoded in memory; class images are read lazily. With several
+    instance prompts (Textual Inversion's templates) each item draws one from its augmentation seed.
     """
 
     def __init__(
         self,
         instance_images: list[Image.Image],
-        instance_prompt: str,
+        instance_prompts: list[str],
         transform: ImageTransform,
         class_paths: list[Path] | None = None,
         class_prompt: str | None = None,
     ):
         self.instance_images = instance_images
-        self.instance_prompt = instance_prompt
+        self.instance_prompts = instance_prompts
         self.class_paths = class_paths or []
         self.class_prompt = class_prompt
         self.transform = transform
@@ -119,7 +120,6 @@ class DreamBoothDataset(Dataset):
         pixels, view = self.transform.view(self.instance_images[instance], rng)
         item = {
             "instance_pixels": pixels,
-            "instance_prompt": self.instance_prompt,
             "instance_key": self._cache_key("instance", instance, view),
         }
         if self.class_paths:
@@ -130,6 +130,8 @@ class DreamBoothDataset(Dataset):
                 "class_prompt": self.class_prompt,
                 "class_key": self._cache_key("class", path.name, view),
             }
+        prompts = self.instance_prompts
+        item["instance_prompt"] = prompts[0] if len(prompts) == 1 else rng.choice(prompts)
         return item
 
     def _cache_key(self, kind: str, name, view: str) -> str | None:
@@ -155,12 +157,13 @@ class DreamBoothDataModule(L.LightningDataModule):
     def __init__(
         self,
         instance_dir: str,
-        instance_prompt: str,
+        instance_prompt: str | list[str],
         resolution: int,
         batch_size: int = 1,
         num_workers: int = 0,
         center_crop: bool = True,
         random_flip: bool = False,
+        resize_filter: str = "bicubic",
         class_prompt: str | None = None,
         num_class_images: int = 0,
         class_images: ClassImageCache | None = None,
@@ -171,7 +174,7 @@ class DreamBoothDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.instance_images = load_instance_images(instance_dir, resolution, skip_unreadable)
-        self.instance_prompt = instance_prompt
+        self.instance_prompts = [instance_prompt] if isinstance(instance_prompt, str) else list(instance_prompt)
         self.class_prompt = class_prompt
         self.num_class_images = num_class_images
         self.class_images = class_images
@@ -180,7 +183,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             list_images(class_dir, option="prior.class_dir")[:num_class_images] if class_dir else None
         )
         self.validation_prompts = list(validation_prompts or [])
-        self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
+        self.transform = ImageTransform(resolution, center_crop, random_flip, resize_filter)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -196,7 +199,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         if class_paths is None and self.class_images is not None:
             class_paths = self._generate_class_images()
         self.dataset = DreamBoothDataset(
-            self.instance_images, self.instance_prompt, self.transform, class_paths, self.class_prompt
+            self.instance_images, self.instance_prompts, self.transform, class_paths, self.class_prompt
         )
 
     def _generate_class_images(self) -> list[Path]:

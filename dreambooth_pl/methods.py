@@ -23,6 +23,7 @@ class FineTuneMethod:
     """Full fine-tuning of the UNet (and optionally the text encoder): the paper's DreamBooth."""
 
     export_dirname = "pipeline"
+    full_precision_models: tuple[str, ...] = ()  # kept whole in fp32 under half-precision training
 
     def __init__(self, name: str = "dreambooth", train_text_encoder: bool = False):
         self.name = name
@@ -41,7 +42,17 @@ class FineTuneMethod:
         """Hook for methods that constrain their parameters after each update."""
 
     def export(self, module, output_dir: Path, run_info: dict) -> Path:
-        return save_pipeline_atomically(module.pipeline(), output_dir / self.export_dirname, run_info)
+        """The base model as published (its frozen weights in their own dtype, its inference scheduler)
+        with the learned weights copied in: under half-precision training the module holds rounded
+        copies of the frozen parts and a training (DDPM) scheduler, neither of which belongs in an export."""
+        from dreambooth_pl.models import load_pipeline
+
+        base = module.hparams
+        pipe = load_pipeline(base.pretrained, "cpu", revision=base.revision, variant=base.variant)
+        learned = ["unet", "text_encoder"] if self.train_text_encoder else ["unet"]
+        for name in learned:
+            getattr(pipe, name).load_state_dict(getattr(module, name).state_dict())
+        return save_pipeline_atomically(pipe, output_dir / self.export_dirname, run_info)
 
 
 class LoRA(FineTuneMethod):
@@ -93,8 +104,14 @@ class LoRA(FineTuneMethod):
         from peft.utils import get_peft_model_state_dict
 
         def lora_state(model):
+            """The adapters with alpha / rank folded into the up projections: loaders that find no alpha in
+            the file (every diffusers version, without adapter metadata) assume alpha = rank, scale 1."""
             state = get_peft_model_state_dict(model, state_dict=model.state_dict())
-            return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+            scale = self.alpha / self.rank
+            return {
+                k: (v.detach().float().cpu() * (scale if k.split(".")[-2] == "up" else 1.0)).contiguous()
+                for k, v in convert_state_dict_to_diffusers(state).items()
+            }
 
         text_layers = lora_state(module.text_encoder) if self.train_text_encoder else None
         target = write_dir_atomically(
@@ -121,6 +138,9 @@ class TextualInversion(FineTuneMethod):
     """The paper's baseline (Gal et al. 2022): learn one new token embedding, nothing else."""
 
     export_dirname = "textual_inversion"
+    # The learned embedding feeds every text-encoder layer: fp32 rows into bf16 layer norms fail on a CPU,
+    # and the diffusers example keeps the (small) text encoder in fp32 for the same reason.
+    full_precision_models = ("text_encoder",)
 
     def __init__(self, name: str = "textual_inversion", placeholder: str = "<{identifier}>", initializer: str = ""):
         super().__init__(name, train_text_encoder=False)

@@ -8,6 +8,7 @@ follows the reference pipelines: resize the short side (bicubic), centre crop, n
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -261,6 +262,7 @@ def choose_div_backend(backend: str) -> str:
     if backend not in ("auto", "lpips", "dino"):
         raise ValueError(f"eval.div.backend={backend!r}: use auto, lpips or dino.")
     if backend == "dino":
+        warn_div_not_lpips()
         return "dino"
     reason = lpips_unavailable_reason()
     if reason is None:
@@ -270,8 +272,19 @@ def choose_div_backend(backend: str) -> str:
             f"eval.div.backend=lpips but lpips cannot be imported ({reason}). "
             'Install it with `pip install -e ".[lpips]"` (it needs torchvision), or set eval.div.backend=dino.'
         )
-    log.info("DIV: lpips is not available (%s); using 1 - cosine of DINO features instead.", reason)
+    warn_div_not_lpips(reason)
     return "dino"
+
+
+@functools.cache
+def warn_div_not_lpips(reason: str | None = None) -> None:
+    """Once per process and loudly: a DIV that is not LPIPS sits next to the paper's LPIPS numbers."""
+    log.warning(
+        "DIV IS NOT LPIPS in this evaluation: it is 1 - cosine of DINO features (%s). Its scale differs from "
+        'the paper\'s LPIPS DIV (0.391 / 0.371): compare directions only. For LPIPS: pip install -e ".[lpips]" '
+        "(needs torchvision) and eval.div.backend=lpips.",
+        f"lpips unavailable: {reason}" if reason else "eval.div.backend=dino",
+    )
 
 
 def lpips_distance(net: str = "alex", device: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -211,11 +212,13 @@ def build_random_pipeline(
     unet: dict,
     vae: dict,
     scheduler: dict,
+    scheduler_class: str = "DDPMScheduler",
 ) -> str:
     """Build an SD-architecture pipeline with random weights, once per config, and return its folder.
 
     The folder name hashes the whole config, so any change gives a new model and class images
-    cached under the old one are never reused by mistake.
+    cached under the old one are never reused by mistake. `scheduler_class` is the inference scheduler
+    saved with it (Stable Diffusion 1.x ships PNDM); training reads the same schedule as DDPM.
     """
     spec = {
         "seed": seed,
@@ -224,6 +227,7 @@ def build_random_pipeline(
         "unet": unet,
         "vae": vae,
         "scheduler": scheduler,
+        "scheduler_class": scheduler_class,
     }
     spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
@@ -255,7 +259,8 @@ def build_random_pipeline(
                 vae=AutoencoderKL(**spec["vae"]),
                 text_encoder=text_model,
                 tokenizer=tok,
-                noise_scheduler=DDPMScheduler(**spec["scheduler"]),
+                noise_scheduler=DDPMScheduler.from_config(spec["scheduler"]),
             )
-        save_pipeline_atomically(assemble_pipeline(components), target)
+        inference_scheduler = getattr(diffusers, scheduler_class).from_config(spec["scheduler"])
+        save_pipeline_atomically(assemble_pipeline(components, scheduler=inference_scheduler), target)
     return str(target)

@@ -6,6 +6,7 @@ fine-tuning, LoRA or Textual Inversion share everything here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from dreambooth_pl.losses import DreamBoothLoss, dreambooth_loss, offset_noise, 
 from dreambooth_pl.methods import FineTuneMethod
 from dreambooth_pl.models import Components, assemble_pipeline, load_components
 
+log = logging.getLogger(__name__)
 HALF_PRECISIONS = {"bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -27,6 +29,7 @@ class DreamBoothModule(L.LightningModule):
         pretrained: str,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        scale_lr: bool = False,
         method: FineTuneMethod | None = None,
         prior_weight: float = 1.0,
         snr_gamma: float | None = None,
@@ -50,6 +53,7 @@ class DreamBoothModule(L.LightningModule):
         self.noise_scheduler = parts.noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.scale_lr = scale_lr
         self.prior_weight = prior_weight
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
@@ -90,14 +94,18 @@ class DreamBoothModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Under half-precision training, frozen weights are stored in the compute dtype to save memory;
-        whatever learns (full weights, LoRA adapters, a new embedding) stays in fp32."""
+        whatever learns (full weights, LoRA adapters) stays in fp32, and so do the models the method keeps
+        whole in fp32. The export reads frozen weights from the base model, never these rounded copies."""
         half = next((d for k, d in HALF_PRECISIONS.items() if str(self.trainer.precision).startswith(k)), None)
         if half is None:
             return
-        for model in (self.unet, self.vae, self.text_encoder):
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            for name, param in model.named_parameters():
-                param.data = param.data.to(torch.float32 if name in trainable else half)
+        for name in ("unet", "vae", "text_encoder"):
+            model = getattr(self, name)
+            if name in self.method.full_precision_models:
+                model.float()
+                continue
+            for param in model.parameters():
+                param.data = param.data.to(torch.float32 if param.requires_grad else half)
 
     def on_train_start(self) -> None:
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
@@ -195,6 +203,14 @@ class DreamBoothModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scale_lr:
+            # The learning rate is per image: multiply by the images behind each optimizer step, as the
+            # diffusers examples' --scale_lr does (accumulation x batch x processes).
+            batch_size = self.trainer.datamodule.batch_size
+            factor = self.trainer.accumulate_grad_batches * batch_size * self.trainer.world_size
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+            log.info("module.scale_lr: learning rate x %d = %g", factor, optimizer.param_groups[0]["lr"])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)

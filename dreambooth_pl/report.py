@@ -201,8 +201,16 @@ def _cell(row: dict, name: str) -> str:
     return f"{mean:.3f} ± {se:.3f}" if se is not None else f"{mean:.3f}"
 
 
+def div_label(backends: Sequence[str]) -> str:
+    """The DIV column's header says when our numbers are not the paper's LPIPS."""
+    if any(b != "lpips" for b in backends):
+        return f"DIV ({'/'.join(backends)}: NOT LPIPS, compare directions only)"
+    return "DIV"
+
+
 def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[str]) -> str:
     backends = sorted({r["div_backend"] for r in runs if r["div_backend"]})
+    labels = {**LABELS, "div": div_label(backends)}
     lines = [
         "# DreamBooth evaluation report",
         "",
@@ -220,7 +228,7 @@ def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[
     for name, rows in tables.items():
         metrics = TABLES[name]["metrics"]
         lines += ["", f"## {TABLES[name]['title']}", ""]
-        lines.append("| source | row | subjects | runs | " + " | ".join(LABELS[m] for m in metrics) + " |")
+        lines.append("| source | row | subjects | runs | " + " | ".join(labels[m] for m in metrics) + " |")
         lines.append("|" + " --- |" * (4 + len(metrics)))
         for row in rows:
             source = "*paper*" if row["source"] == "paper" else "ours"

@@ -58,13 +58,25 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     if problems:
         raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
-    templates = {"prompts.instance": cfg.prompts.instance, "prompts.prior": cfg.prompts.prior}
+    instance = instance_templates(cfg)
+    instance_options = (
+        ["prompts.instance"] if len(instance) == 1 else [f"prompts.instance[{i}]" for i in range(len(instance))]
+    )
+    templates = dict(zip(instance_options, instance))
+    templates["prompts.prior"] = cfg.prompts.prior
     templates.update({f"prompts.validation[{i}]": t for i, t in enumerate(cfg.prompts.validation)})
     templates.update({f"export.samples.prompts[{i}]": t for i, t in enumerate(cfg.export.samples.prompts or [])})
     for option, template in templates.items():
         check_template(template, option)
-    require_identifier(cfg.prompts.instance, "prompts.instance")
+    for option, template in zip(instance_options, instance):
+        require_identifier(template, option)
     warn_unseen_class_images(cfg)
+
+
+def instance_templates(cfg: DictConfig) -> list[str]:
+    """`prompts.instance` is one template, or a list of which each training sample draws one."""
+    instance = cfg.prompts.instance
+    return [instance] if isinstance(instance, str) else list(instance)
 
 
 def warn_unseen_class_images(cfg: DictConfig) -> None:
@@ -102,10 +114,11 @@ def build_run(cfg: DictConfig) -> Run:
     method = instantiate(cfg.method)
     identifier = method.prompt_token(resolve_identifier(tokenizer, **cfg.identifier))
     noun = cfg.prompts.instance_class_noun
+    instance = [fill_prompt(t, identifier, noun) for t in instance_templates(cfg)]
     prompts = {
         "identifier": identifier,
         "class_noun": noun,
-        "instance": fill_prompt(cfg.prompts.instance, identifier, noun),
+        "instance": instance[0] if isinstance(cfg.prompts.instance, str) else instance,
         "class": fill_prompt(cfg.prompts.prior, class_noun=cfg.subject.class_noun),
         "validation": [fill_prompt(t, identifier, noun) for t in cfg.prompts.validation],
     }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from dreambooth_pl.class_images import ClassImageCache
 
@@ -59,3 +61,24 @@ def test_key_separates_prompts_and_settings(tmp_path, tiny_pretrained):
     assert base.folder("a dog") != base.folder("a cat")
     assert base.folder("a dog") != other_steps.folder("a dog")
     assert base.folder("a dog") == other_batch.folder("a dog")  # batching changes pixels only by float noise
+
+
+def test_key_follows_what_changes_pixels(tmp_path, tiny_pretrained):
+    def folder(**options):
+        return ClassImageCache(str(tmp_path), tiny_pretrained, SAMPLER, **options).folder("a dog")
+
+    assert folder() == folder(dtype="float32", device="cpu")  # the CPU defaults, spelled out
+    assert len({folder(), folder(dtype="bfloat16"), folder(variant="fp16"), folder(device="cuda")}) == 4
+
+
+def test_new_weights_at_the_same_path_regenerate(tmp_path, tiny_pretrained):
+    """Replacing a model's weights in place must not reuse the old model's class images."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pretrained, model)
+    cache = ClassImageCache(str(tmp_path / "cache"), str(model), SAMPLER)
+    assert cache.ensure("a dog", 2) == 2
+    old = [pixels(p) for p in cache.paths("a dog", 2)]
+    unet_file = next((model / "unet").glob("*.safetensors"))
+    save_file({k: v + 0.05 for k, v in load_file(unet_file).items()}, unet_file)  # "fine-tuned" in place
+    assert cache.ensure("a dog", 2) == 2
+    assert not same_image(pixels(cache.paths("a dog", 2)[0]), old[0])

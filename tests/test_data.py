@@ -15,20 +15,37 @@ from tests.conftest import DREAMBOOTH_ROOT, needs_dataset
 
 
 @needs_dataset
-def test_transform_matches_a_plain_pil_reference():
+@pytest.mark.parametrize("resize_filter", ["bicubic", "bilinear"])  # ours, the diffusers scripts'
+def test_transform_matches_a_plain_pil_reference(resize_filter):
     path = DREAMBOOTH_ROOT / "dataset" / "dog" / "00.jpg"
     image = load_rgb(path)
     image = image.resize((image.width // 8, image.height // 8))  # downscaled for speed
-    tensor = ImageTransform(64)(image)
+    tensor = ImageTransform(64, resize_filter=resize_filter)(image)
 
     scale = 64 / min(image.size)
     w, h = round(image.width * scale), round(image.height * scale)
-    ref = image.resize((w, h), Image.Resampling.BICUBIC)
+    ref = image.resize((w, h), Image.Resampling[resize_filter.upper()])
     left, top = (w - 64) // 2, (h - 64) // 2
     ref = np.asarray(ref.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 127.5 - 1
     assert tensor.shape == (3, 64, 64)
     assert torch.allclose(tensor, torch.from_numpy(ref).permute(2, 0, 1))
     assert -1 <= tensor.min() and tensor.max() <= 1
+
+
+def test_unknown_resize_filter_names_the_option():
+    with pytest.raises(ValueError, match="data.resize_filter='bilinar'.*bilinear"):
+        ImageTransform(64, resize_filter="bilinar")
+
+
+def test_each_item_draws_its_instance_template_from_its_seed(tmp_path):
+    """Textual Inversion's templates: a fixed draw per (item, seed), so a resumed run sees the same prompts."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    templates = [f"a photo {i} of a sks" for i in range(8)]
+    dm = DreamBoothDataModule(str(tmp_path), templates, 64)
+    dm.setup()
+    drawn = [dm.dataset[(0, seed)]["instance_prompt"] for seed in range(40)]
+    assert set(drawn) == set(templates)
+    assert drawn == [dm.dataset[(0, seed)]["instance_prompt"] for seed in range(40)]
 
 
 def test_random_flip_and_crop_change_pixels_but_not_shape():

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dreambooth_pl.config_utils import resolve_path
 from dreambooth_pl.models import load_components, load_pipeline
+from dreambooth_pl.sampling import use_scheduler
 from dreambooth_pl.training import train
 from tests.conftest import FAST, compose_train, needs_dataset
 
@@ -19,6 +20,8 @@ PROMPT = "a sks teapot in the snow"
 
 
 def render(pipe, prompt: str, **kwargs) -> np.ndarray:
+    """Deterministic DDIM steps, whatever scheduler the pipeline came with (an export keeps the base's)."""
+    use_scheduler(pipe, "diffusers.DDIMScheduler")
     return pipe(
         prompt,
         num_inference_steps=3,
@@ -37,9 +40,34 @@ def run(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, cache_dir):
-    return run(
-        tmp_path_factory.mktemp("lora"), cache_dir, ["method=lora", "trainer.max_steps=20", "module.optimizer.lr=1e-2"]
-    )
+    """rank 4, alpha 8: an export that forgets alpha loads at half the trained scale."""
+    overrides = ["method=lora", "method.alpha=8", "trainer.max_steps=20", "module.optimizer.lr=1e-2"]
+    return run(tmp_path_factory.mktemp("lora"), cache_dir, overrides)
+
+
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=generator)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([100, 700]), hidden).sample
+
+
+def text_output(pipe_or_module, prompt: str = PROMPT) -> torch.Tensor:
+    ids = pipe_or_module.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe_or_module.text_encoder(ids)[0]
+
+
+def test_lora_export_keeps_the_alpha_scale(lora_run):
+    """The reloaded UNet computes what the training-time UNet computed, for rank != alpha."""
+    module = lora_run["module"].eval()
+    trained = unet_output(module.unet)
+    loaded = unet_output(load_pipeline(lora_run["pipeline"], device="cpu").unet)
+    base = unet_output(load_components(lora_run["base"]).unet)
+    change = (trained - base).abs().max().item()
+    assert change > 1e-2  # the adapters matter
+    assert (loaded - trained).abs().max().item() < 1e-5 * max(1.0, trained.abs().max().item())
 
 
 def test_lora_trains_only_adapters(lora_run):
@@ -90,22 +118,28 @@ def test_lora_export_reproduces_the_trained_model(lora_run, tmp_path):
 
 
 def test_lora_on_the_text_encoder_too(tmp_path, cache_dir):
-    result = run(
-        tmp_path,
-        cache_dir,
-        ["method=lora", "method.train_text_encoder=true", "trainer.max_steps=3", "method.export_merged=true"],
-    )
+    overrides = ["method=lora", "method.alpha=2", "method.train_text_encoder=true", "method.export_merged=true"]
+    result = run(tmp_path, cache_dir, [*overrides, "trainer.max_steps=8", "module.optimizer.lr=1e-2"])
     weights = load_file(Path(result["pipeline"]) / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
     module = result["module"].eval()
-    trained = render(module.pipeline(), PROMPT)
+    loaded = load_pipeline(result["pipeline"], device="cpu")
     merged = load_pipeline(str(tmp_path / "pipeline"), device="cpu")  # export_merged: a plain pipeline
-    assert np.abs(render(merged, PROMPT) - trained).max() < 1e-3
+    base = load_components(result["base"])
+    trained_text, trained_unet = text_output(module), unet_output(module.unet)
+    assert (trained_text - text_output(base)).abs().max() > 1e-3  # the text adapters matter
+    for pipe in (loaded, merged):
+        assert (text_output(pipe) - trained_text).abs().max() < 1e-4
+        assert (unet_output(pipe.unet) - trained_unet).abs().max() < 1e-4
+    assert np.abs(render(merged, PROMPT) - render(module.pipeline(), PROMPT)).max() < 1e-3
 
 
 def test_textual_inversion_learns_one_embedding_row(tmp_path, cache_dir):
-    result = run(tmp_path, cache_dir, ["method=textual_inversion", "trainer.max_steps=15", "module.optimizer.lr=5e-2"])
-    assert result["instance"] == "a <sks> teapot"
+    result = run(tmp_path, cache_dir, ["method=textual_inversion", "trainer.max_steps=4", "module.optimizer.lr=1e-2"])
+    # the diffusers example's recipe: its templates without the class noun, lr scaled by 4 accumulated images
+    assert "a photo of a <sks>" in result["instance"] and not any("teapot" in p for p in result["instance"])
+    assert result["module"].trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(4e-2)
+    assert result["module"].trainer.accumulate_grad_batches == 4
     base = load_components(result["base"])
     module = result["module"]
     token_id = module.tokenizer.convert_tokens_to_ids("<sks>")

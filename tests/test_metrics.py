@@ -3,6 +3,7 @@ reference, and tiny random DINO/CLIP stand-ins loaded through the same from_pret
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import types
@@ -27,6 +28,7 @@ from dreambooth_pl.metrics import (
     lpips_distance,
     lpips_input,
     self_similarity,
+    warn_div_not_lpips,
 )
 from dreambooth_pl.models import ModelNotReachable
 from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
@@ -250,9 +252,13 @@ def test_div_backend_prefers_lpips_when_it_imports(monkeypatch):
     assert float(metric.compute()) == pytest.approx(4.0)  # (1 - (-1))^2
 
 
-def test_div_backend_falls_back_to_dino_without_lpips(monkeypatch):
+def test_div_backend_falls_back_to_dino_without_lpips(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips raises ImportError
-    assert choose_div_backend("auto") == "dino"
+    warn_div_not_lpips.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="dreambooth_pl.metrics"):
+        assert choose_div_backend("auto") == "dino"
+        assert choose_div_backend("auto") == "dino"
+    assert caplog.text.count("DIV IS NOT LPIPS") == 1  # loud, once
     with pytest.raises(ImportError, match=r"eval.div.backend=lpips.*eval.div.backend=dino"):
         choose_div_backend("lpips")
     with pytest.raises(ValueError, match="eval.div.backend='clip'"):

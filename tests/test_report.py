@@ -121,6 +121,7 @@ def test_report_files(runs, capsys):
     assert "| *paper* | DreamBooth (Imagen) w/o PPL | 30 |  | 0.664 | 0.371 | 0.712 | 0.828 | 0.306 |" in markdown
     assert "| ours | Real Images | 2 | 8 | 0.800 ± 0.000 | 0.900 ± 0.000 | N/A |" in markdown
     assert "DIV backend: dino (1 - cosine of DINO features" in markdown
+    assert "| PRES | DIV (dino: NOT LPIPS, compare directions only) | DINO |" in markdown  # beside the paper's LPIPS
     assert markdown in capsys.readouterr().out
     table1 = list(csv.DictReader((out / "table1.csv").open()))
     assert table1[0]["row"] == "Real Images" and {r["source"] for r in table1} == {"ours", "paper"}
