@@ -42,7 +42,7 @@ def checkpoint_step(path: str | Path, option: str = "ckpt_path") -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(state["global_step"])
-    except Exception as err:  # noqa: BLE001 - torch raises many types; its hints (weights_only=False) must not reach users
+    except Exception as err:  # torch raises many types, and its hints (weights_only=False) must not reach users
         reason = "not a Lightning checkpoint" if isinstance(err, (KeyError, TypeError)) else type(err).__name__
         raise CheckpointError(
             f"{option}={str(path)!r} is not a readable checkpoint ({reason}: truncated, or not written by "

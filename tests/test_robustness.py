@@ -250,20 +250,6 @@ def start_together(scripts: list[str], workdir: Path, timeout: float = 300) -> l
     return [log.read_text() for log in logs]
 
 
-def test_two_runs_sharing_a_class_image_cache_generate_each_image_once(tmp_path, tiny_pretrained):
-    script = (
-        "from dreambooth_pl.class_images import ClassImageCache;"
-        f"cache = ClassImageCache({str(tmp_path / 'cache')!r}, {tiny_pretrained!r}, "
-        "{'num_inference_steps': 2, 'resolution': 32, 'batch_size': 1});"
-        "print('generated', cache.ensure('a teapot', 8))"
-    )
-    outputs = start_together([script, script], tmp_path)
-    counts = sorted(int(out.split("generated ")[-1]) for out in outputs)
-    assert counts == [0, 8], outputs  # one process generated, the other waited on the lock and reused
-    folder = ClassImageCache(str(tmp_path / "cache"), tiny_pretrained, {"resolution": 32}).cache_dir
-    assert len(list(folder.glob("a_teapot-*/0*.png"))) == 8
-
-
 def _export_then_die_at(step: int, target: Path, version: str) -> None:
     """In a child process: re-export `target` and die (no cleanup, as SIGKILL) just before its `step`-th
     rename or delete."""
@@ -480,15 +466,20 @@ def test_a_saved_config_is_read_without_this_machines_environment(tmp_path, monk
     assert meta["tags"] == ["${oc.env:SOME_API_TOKEN}"] and meta["seed"] == 1
 
 
-def test_jobs_started_together_build_the_tiny_model_once(tmp_path):
+def test_jobs_started_together_build_the_model_and_the_class_images_once(tmp_path):
+    """Two runs on a fresh cache: one builds the tiny model and generates the class images, the other waits
+    on the locks and reuses both; neither removes a file the other has in flight."""
     script = (
-        "import logging; logging.basicConfig(level=logging.INFO);"
+        "import logging; logging.basicConfig(level=logging.INFO); from hydra.utils import instantiate;"
         "from dreambooth_pl.config_utils import resolve_path; from tests.conftest import FAST, compose_train;"
         f"cfg = compose_train(FAST, {str(tmp_path / 'run')!r}, {str(tmp_path / 'cache')!r});"
-        "print('model', resolve_path(cfg.model.pretrained))"
+        "model = resolve_path(cfg.model.pretrained); print('model', model);"
+        "print('generated', instantiate(cfg.prior.cache, pretrained=model).ensure('a teapot', 8))"
     )
     outputs = start_together([script, script], tmp_path)
     assert sum("Building a random-weight pipeline" in out for out in outputs) == 1, outputs
-    (built,) = {out.split("model ")[-1].strip() for out in outputs}
-    assert sorted(p.name for p in Path(built).parent.iterdir() if not p.name.startswith(".")) == [Path(built).name]
-    assert not [p for p in Path(built).parent.iterdir() if p.is_dir() and p.name.startswith(".")]  # no staging
+    assert sorted(int(out.split("generated ")[-1]) for out in outputs) == [0, 8], outputs
+    (built,) = {out.split("model ")[-1].split()[0] for out in outputs}
+    models = Path(built).parent
+    assert [p.name for p in models.iterdir() if p.is_dir()] == [Path(built).name]  # no staging folder left
+    assert len(list((tmp_path / "cache" / "class_images").glob("a_teapot-*/0*.png"))) == 8
