@@ -13,12 +13,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreambooth_pl.config_utils import ConfigError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(ConfigError):
     """A folder of training images is missing, empty or holds an unreadable file."""
 
 

@@ -26,6 +26,7 @@ from diffusers import (
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.export import (
     LORA_WEIGHTS,
     TEXTUAL_INVERSION_WEIGHTS,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelNotReachable(RuntimeError):
+class ModelNotReachable(ConfigError):
     """The configured weights are neither a local diffusers folder nor downloadable."""
 
 

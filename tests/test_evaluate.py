@@ -317,6 +317,7 @@ def test_rerun_reuses_every_image(sweep, tmp_path_factory, monkeypatch):
     models = tiny_embedding_models(tmp_path_factory.getbasetemp() / "embedders")
     cfg = compose_eval(
         ["run_dir=" + str(sweep / "1"), *tiny_eval_overrides(models), *QUICK, "eval.images_per_prompt=1"]
+        + ["logger.wandb=null"]  # no W&B run inside the test process
     )
     result = evaluate_from_config(cfg)
     assert result["generated"] == 0

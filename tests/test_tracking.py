@@ -1,0 +1,153 @@
+"""One W&B run per job, evaluation into the run it scores, resume with the run's own config (real wandb, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dreambooth_pl.loggers import RUN_RECORD, server_reachable
+from dreambooth_pl.resume import merge_overrides
+from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
+from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
+from tests.wandb_records import history_rows, run_summary
+
+# A key, but a server that refuses connections: the W&B fallback must be quick and say so once per run.
+UNREACHABLE = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_BASE_URL": "http://127.0.0.1:9"}
+TRAIN = [*FAST, "logger=wandb", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "prior.num_images=2"]
+
+
+def run(command: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(cwd), **UNREACHABLE}
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def wandb_runs(run_dir: Path) -> list[dict]:
+    """Every offline W&B run folder of a training run, oldest first, with what its run file holds."""
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    return [{**run_summary(f / f"run-{f.name.split('-')[-1]}.wandb"), "folder": f} for f in folders]
+
+
+def history(info: dict) -> list[dict]:
+    return history_rows(next(info["folder"].glob("run-*.wandb")))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir) -> dict:
+    """`train.py -m ablation=ppl logger=wandb` with credentials but no reachable server: two jobs, one process."""
+    root = tmp_path_factory.mktemp("tracking")
+    sweep = root / "sweep"
+    command = [sys.executable, str(REPO / "train.py"), "-m", "ablation=ppl", *TRAIN, f"hydra.sweep.dir={sweep}"]
+    command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
+    started = time.monotonic()
+    proc = run(command, root)
+    return {"root": root, "dir": sweep, "output": proc.stdout + proc.stderr, "seconds": time.monotonic() - started}
+
+
+@needs_dataset
+def test_each_sweep_job_is_its_own_wandb_run(sweep):
+    runs = {job: wandb_runs(sweep["dir"] / job) for job in ("0", "1")}
+    assert [len(r) for r in runs.values()] == [1, 1]
+    first, second = runs["0"][0], runs["1"][0]
+    assert first["id"] != second["id"]
+    assert (first["name"], second["name"]) == (
+        "teapot-dreambooth-prior.weight=0.0",
+        "teapot-dreambooth-prior.weight=1.0",
+    )
+    assert first["group"] == second["group"] == "sweep" and first["job_type"] == second["job_type"] == "train"
+    assert first["tags"] == ["ablation_ppl", "prior_weight=0.0"]
+    assert (first["config"]["prior"]["weight"], second["config"]["prior"]["weight"]) == (0.0, 1.0)
+    for info in (first, second):  # each history holds its own job's 3 steps only
+        losses = [row["train/loss"] for row in history(info) if "train/loss" in row]
+        assert len(losses) == 3 and all(0 < v < 10 for v in losses)
+    prior = {job: [r for r in history(info[0]) if "train/prior_loss" in r] for job, info in runs.items()}
+    assert prior["0"] == [] and len(prior["1"]) == 3  # lambda = 0 makes no class images and logs no prior loss
+
+
+@needs_dataset
+def test_unreachable_server_falls_back_to_offline_quickly_with_one_line(sweep):
+    lines = [line for line in sweep["output"].splitlines() if "is not reachable" in line]
+    assert len(lines) == 2, lines  # one per job
+    assert "W&B logs offline; upload later with `wandb sync " in lines[0] and str(sweep["dir"] / "0") in lines[0]
+    assert "CommError" not in sweep["output"] and "Traceback" not in sweep["output"]
+    assert sweep["seconds"] < 110  # the old behaviour: 110 s of retries per job, then a crash
+
+    started = time.monotonic()
+    assert not server_reachable("http://127.0.0.1:9", timeout=5)
+    assert time.monotonic() - started < 2
+
+
+@needs_dataset
+def test_later_evaluation_logs_into_the_run_it_evaluates(sweep):
+    run_dir = sweep["dir"] / "0"
+    training = wandb_runs(run_dir)[0]
+    tiny = tiny_eval_overrides(tiny_embedding_models(sweep["root"] / "embedders"))
+    command = [sys.executable, "-m", "dreambooth_pl.evaluate", f"run_dir={run_dir}", *tiny]
+    command += ["eval.num_prompts=2", "eval.sampler.num_inference_steps=2", "eval.pres.num_images=2"]
+    command += [f"paths.dreambooth_root={DREAMBOOTH_ROOT}", f"hydra.run.dir={sweep['root'] / 'evaluate-log'}"]
+    run(command, REPO)
+
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 2 and runs[1]["id"] == training["id"]  # the same W&B run, resumed
+    assert runs[1]["job_type"] == "train" and runs[1]["name"] == training["name"]
+    dino = json.loads((run_dir / "eval" / "metrics.json").read_text())["metrics"]["dino"]
+    logged = {k: v for row in history(runs[1]) for k, v in row.items()}
+    assert logged["eval/dino"] == pytest.approx(dino, abs=1e-6) and logged["eval/images/_type"] == "table-file"
+    assert runs[1]["summary"]["eval/dino"] == pytest.approx(dino, abs=1e-6)  # the runs table compares it
+    assert len(wandb_runs(sweep["dir"] / "1")) == 1  # the other job's run is untouched
+
+
+@needs_dataset
+def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
+    run_dir = sweep["dir"] / "1"
+    original = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+    proc = run([*command, "trainer.max_steps=5"], sweep["root"])
+
+    assert "Resuming" in proc.stdout + proc.stderr and "overrides on top: " in proc.stdout + proc.stderr
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.subject.name == "teapot" and saved.prior.num_images == 2  # the run's own settings, not the defaults
+    assert saved.trainer.max_steps == 5 and list(saved.tags) == ["ablation_ppl", "prior_weight=1.0"]
+    assert (run_dir / ".hydra" / "history" / "0" / "overrides.yaml").read_text() == original  # kept, not overwritten
+    overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    assert "trainer.max_steps=5" in overrides and "trainer.max_steps=3" not in overrides
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert state["global_step"] == 5
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]  # the same W&B run continues
+    assert json.loads((run_dir / "wandb" / RUN_RECORD).read_text())["id"] == runs[0]["id"]
+
+
+@needs_dataset
+def test_resume_refuses_another_subject_unless_asked(sweep):
+    run_dir = sweep["dir"] / "0"
+    config_before = (run_dir / ".hydra" / "config.yaml").read_text()
+    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "ckpt_path=last", "subject=dog"]
+    proc = run(command, sweep["root"], expect=1)
+    output = proc.stdout + proc.stderr
+    assert "subject.name: 'teapot' -> 'dog'" in output and "ckpt_allow_mismatch=true" in output
+    assert "Traceback" not in output
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == config_before  # the record is untouched
+    assert not (run_dir / ".hydra" / "history").exists()
+
+
+def test_merge_overrides_replaces_same_keys_and_appends_new_ones():
+    saved = ["subject=custom", "subject.instance_dir=/photos", "trainer.max_steps=300", "hydra.run.dir=/r"]
+    new = ["hydra.run.dir=/r", "ckpt_path=last", "trainer.max_steps=400"]
+    assert merge_overrides(saved, new) == [
+        "subject=custom",
+        "subject.instance_dir=/photos",
+        "trainer.max_steps=400",
+        "hydra.run.dir=/r",
+        "ckpt_path=last",
+    ]
