@@ -45,7 +45,7 @@ from dreambooth_pl.metrics import (
     lpips_input,
     self_similarity,
 )
-from dreambooth_pl.models import loaded_pipeline
+from dreambooth_pl.models import loaded_pipeline, require_reachable
 from dreambooth_pl.prompts import fill_prompt
 from dreambooth_pl.sampling import SamplerSettings, render
 
@@ -234,6 +234,8 @@ def evaluate_run(
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     # everything that can fail fast (photos, embedding models, LPIPS) before minutes of generation
     real = [load_rgb(p) for p in list_images(real_images_dir, option="real_images_dir")]
+    require_reachable(cfg.dino.model, "eval.dino.model")
+    require_reachable(cfg.clip.model, "eval.clip.model")
     dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
     clip = ClipEmbedder(cfg.clip.model, Preprocess(**_preprocess(cfg.clip)), cfg.embed_batch_size, cfg.device)
     div_backend = choose_div_backend(cfg.div.backend)

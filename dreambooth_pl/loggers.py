@@ -11,13 +11,14 @@ import json
 import logging
 import netrc
 import os
-import socket
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from dreambooth_pl.network import server_reachable
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,6 @@ def wandb_credentials_present() -> bool:
 
 def wandb_base_url() -> str:
     return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-
-
-def server_reachable(url: str, timeout: float) -> bool:
-    """A TCP connection to the server (or the HTTPS proxy in use) within `timeout` seconds: without it,
-    wandb.init would retry for minutes before failing."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy if proxy and url.startswith("https") else url)
-    port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        with socket.create_connection((target.hostname, port), timeout=timeout):
-            return True
-    except (OSError, TypeError):
-        return False
 
 
 def sweep_group_and_values() -> tuple[str | None, list[str]]:

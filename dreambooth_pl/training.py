@@ -19,7 +19,7 @@ from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
 from dreambooth_pl.loggers import close_loggers, wandb_location
 from dreambooth_pl.methods import FineTuneMethod
-from dreambooth_pl.models import load_tokenizer
+from dreambooth_pl.models import load_tokenizer, require_reachable
 from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.prompts import fill_prompt, require_identifier
 
@@ -40,6 +40,12 @@ def check_config(cfg: DictConfig) -> None:
     problems = []
     if cfg.model.resolution % 8:
         problems.append(f"model.resolution={cfg.model.resolution} must be a multiple of 8")
+    if cfg.sampler.resolution != cfg.model.resolution and (cfg.sampler.resolution % 8 or cfg.sampler.resolution < 8):
+        problems.append(f"sampler.resolution={cfg.sampler.resolution} must be a positive multiple of 8")
+    if cfg.eval.enabled and cfg.eval.sampler.resolution and cfg.eval.sampler.resolution % 8:
+        problems.append(f"eval.sampler.resolution={cfg.eval.sampler.resolution} must be a multiple of 8 (or null)")
+    if cfg.eval.enabled and not os.path.isfile(cfg.eval.prompts_file):
+        problems.append(f"eval.prompts_file={cfg.eval.prompts_file!r} does not exist (the dataset's prompt list)")
     if cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
     if cfg.prior.weight < 0:
@@ -53,6 +59,14 @@ def check_config(cfg: DictConfig) -> None:
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
     require_identifier(cfg.prompts.instance, "prompts.instance")
+
+
+def require_models(cfg: DictConfig, pretrained: str) -> None:
+    """Every model the job will load is cached, local or downloadable: checked in seconds, before class images."""
+    require_reachable(pretrained, "model.pretrained", cfg.model.revision)
+    if cfg.eval.enabled:
+        require_reachable(cfg.eval.dino.model, "eval.dino.model")
+        require_reachable(cfg.eval.clip.model, "eval.clip.model")
 
 
 @dataclass
@@ -72,6 +86,7 @@ def build_run(cfg: DictConfig) -> Run:
     check_config(cfg)
     instance_dir = resolve_path(cfg.subject.instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
+    require_models(cfg, pretrained)
     tokenizer = load_tokenizer(pretrained, cfg.model.revision)
     method = instantiate(cfg.method)
     identifier = method.prompt_token(resolve_identifier(tokenizer, **cfg.identifier))

@@ -21,7 +21,10 @@ from tests.wandb_records import history_rows, run_summary
 
 # A key, but a server that refuses connections: the W&B fallback must be quick and say so once per run.
 UNREACHABLE = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_BASE_URL": "http://127.0.0.1:9"}
-TRAIN = [*FAST, "logger=wandb", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "prior.num_images=2"]
+# The demo subject (rendered: no dataset under paths.dreambooth_root), so evaluation must find the photos the run
+# trained on from the run itself, not from the dataset folder.
+TRAIN = [*FAST, "subject=demo", "logger=wandb", "trainer.max_steps=3", "trainer.log_every_n_steps=1"]
+TRAIN += ["prior.num_images=2"]
 
 
 def run(command: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
@@ -48,21 +51,20 @@ def sweep(tmp_path_factory, cache_dir) -> dict:
     root = tmp_path_factory.mktemp("tracking")
     sweep = root / "sweep"
     command = [sys.executable, str(REPO / "train.py"), "-m", "ablation=ppl", *TRAIN, f"hydra.sweep.dir={sweep}"]
-    command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
+    command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={root / 'no-dataset'}"]
     started = time.monotonic()
     proc = run(command, root)
     return {"root": root, "dir": sweep, "output": proc.stdout + proc.stderr, "seconds": time.monotonic() - started}
 
 
-@needs_dataset
 def test_each_sweep_job_is_its_own_wandb_run(sweep):
     runs = {job: wandb_runs(sweep["dir"] / job) for job in ("0", "1")}
     assert [len(r) for r in runs.values()] == [1, 1]
     first, second = runs["0"][0], runs["1"][0]
     assert first["id"] != second["id"]
     assert (first["name"], second["name"]) == (
-        "teapot-dreambooth-prior.weight=0.0",
-        "teapot-dreambooth-prior.weight=1.0",
+        "demo-dreambooth-prior.weight=0.0",
+        "demo-dreambooth-prior.weight=1.0",
     )
     assert first["group"] == second["group"] == "sweep" and first["job_type"] == second["job_type"] == "train"
     assert first["tags"] == ["ablation_ppl", "prior_weight=0.0"]
@@ -74,7 +76,6 @@ def test_each_sweep_job_is_its_own_wandb_run(sweep):
     assert prior["0"] == [] and len(prior["1"]) == 3  # lambda = 0 makes no class images and logs no prior loss
 
 
-@needs_dataset
 def test_unreachable_server_falls_back_to_offline_quickly_with_one_line(sweep):
     lines = [line for line in sweep["output"].splitlines() if "is not reachable" in line]
     assert len(lines) == 2, lines  # one per job
@@ -94,20 +95,22 @@ def test_later_evaluation_logs_into_the_run_it_evaluates(sweep):
     tiny = tiny_eval_overrides(tiny_embedding_models(sweep["root"] / "embedders"))
     command = [sys.executable, "-m", "dreambooth_pl.evaluate", f"run_dir={run_dir}", *tiny]
     command += ["eval.num_prompts=2", "eval.sampler.num_inference_steps=2", "eval.pres.num_images=2"]
-    command += [f"paths.dreambooth_root={DREAMBOOTH_ROOT}", f"hydra.run.dir={sweep['root'] / 'evaluate-log'}"]
-    run(command, REPO)
+    command += [f"eval.prompts_file={DREAMBOOTH_ROOT / 'dataset' / 'prompts_and_classes.txt'}"]
+    run([*command, f"hydra.run.dir={sweep['root'] / 'evaluate-log'}"], REPO)  # paths.dreambooth_root: the default
 
     runs = wandb_runs(run_dir)
     assert len(runs) == 2 and runs[1]["id"] == training["id"]  # the same W&B run, resumed
     assert runs[1]["job_type"] == "train" and runs[1]["name"] == training["name"]
-    dino = json.loads((run_dir / "eval" / "metrics.json").read_text())["metrics"]["dino"]
+    record = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    photos = json.loads((run_dir / "pipeline" / "dreambooth.json").read_text())["instance_dir"]
+    assert record["metadata"]["real_images_dir"] == photos and record["metadata"]["num_real"] == 5  # the demo's
+    dino = record["metrics"]["dino"]
     logged = {k: v for row in history(runs[1]) for k, v in row.items()}
     assert logged["eval/dino"] == pytest.approx(dino, abs=1e-6) and logged["eval/images/_type"] == "table-file"
     assert runs[1]["summary"]["eval/dino"] == pytest.approx(dino, abs=1e-6)  # the runs table compares it
     assert len(wandb_runs(sweep["dir"] / "1")) == 1  # the other job's run is untouched
 
 
-@needs_dataset
 def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
     run_dir = sweep["dir"] / "1"
     original = (run_dir / ".hydra" / "overrides.yaml").read_text()
@@ -116,7 +119,7 @@ def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
 
     assert "Resuming" in proc.stdout + proc.stderr and "overrides on top: " in proc.stdout + proc.stderr
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    assert saved.subject.name == "teapot" and saved.prior.num_images == 2  # the run's own settings, not the defaults
+    assert saved.subject.name == "demo" and saved.prior.num_images == 2  # the run's own settings, not the defaults
     assert saved.trainer.max_steps == 5 and list(saved.tags) == ["ablation_ppl", "prior_weight=1.0"]
     assert (run_dir / ".hydra" / "history" / "0" / "overrides.yaml").read_text() == original  # kept, not overwritten
     overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
@@ -128,14 +131,13 @@ def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
     assert json.loads((run_dir / "wandb" / RUN_RECORD).read_text())["id"] == runs[0]["id"]
 
 
-@needs_dataset
 def test_resume_refuses_another_subject_unless_asked(sweep):
     run_dir = sweep["dir"] / "0"
     config_before = (run_dir / ".hydra" / "config.yaml").read_text()
     command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "ckpt_path=last", "subject=dog"]
     proc = run(command, sweep["root"], expect=1)
     output = proc.stdout + proc.stderr
-    assert "subject.name: 'teapot' -> 'dog'" in output and "ckpt_allow_mismatch=true" in output
+    assert "subject.name: 'demo' -> 'dog'" in output and "ckpt_allow_mismatch=true" in output
     assert "Traceback" not in output
     assert (run_dir / ".hydra" / "config.yaml").read_text() == config_before  # the record is untouched
     assert not (run_dir / ".hydra" / "history").exists()
@@ -151,3 +153,40 @@ def test_merge_overrides_replaces_same_keys_and_appends_new_ones():
         "hydra.run.dir=/r",
         "ckpt_path=last",
     ]
+
+
+def test_config_errors_print_the_message_without_a_traceback(tmp_path, cache_dir):
+    command = [sys.executable, str(REPO / "train.py"), *FAST, "sampler.resolution=60", "prior.weight=-1"]
+    proc = run([*command, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"], tmp_path, expect=1)
+    output = proc.stdout + proc.stderr
+    assert "sampler.resolution=60 must be a positive multiple of 8" in output and "prior.weight=-1" in output
+    assert "Traceback" not in output
+
+
+def test_unreachable_models_fail_in_seconds_before_any_class_image(tmp_path, cache_dir):
+    """Offline with eval.enabled, and a hub model with the Hub out of reach: stop before the first class image."""
+    prompts = tmp_path / "prompts_and_classes.txt"
+    prompts.write_text("")
+    base = [sys.executable, str(REPO / "train.py"), *FAST, "subject=demo", f"paths.cache_dir={tmp_path / 'cache'}"]
+    base += [f"paths.dreambooth_root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    started = time.monotonic()
+    proc = run([*base, "eval.enabled=true", f"eval.prompts_file={prompts}"], tmp_path, expect=1)
+    output = proc.stdout + proc.stderr
+    assert "eval.dino.model='facebook/dino-vits16' is not in the local Hugging Face cache and HF_HUB_OFFLINE" in output
+    assert "`hf download facebook/dino-vits16 --local-dir /path`" in output and "Traceback" not in output
+
+    env_hub = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = subprocess.run(
+        [*base, "model.pretrained=someone/some-model"],
+        cwd=tmp_path,
+        env={**os.environ, "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), **env_hub},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "model.pretrained='someone/some-model' is not in the local Hugging Face cache and " in output
+    assert "http://127.0.0.1:9 is not reachable" in output
+    assert time.monotonic() - started < 90  # two interpreter starts; the Hub's retries alone took minutes
+    assert not (tmp_path / "cache" / "class_images").exists()
