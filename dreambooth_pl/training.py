@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.config_utils import ConfigError, resolve_path
+from dreambooth_pl.console import one_console_handler
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.evaluate import evaluate_run, run_meta_from_config
 from dreambooth_pl.generate import generate
@@ -118,6 +119,7 @@ def build_run(cfg: DictConfig) -> Run:
 
 
 def train(cfg: DictConfig) -> dict:
+    one_console_handler()
     L.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
+from dreambooth_pl.images import image_grid
 from dreambooth_pl.loggers import RUN_RECORD, server_reachable
 from dreambooth_pl.resume import merge_overrides
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
@@ -24,7 +27,7 @@ UNREACHABLE = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WAN
 # The demo subject (rendered: no dataset under paths.dreambooth_root), so evaluation must find the photos the run
 # trained on from the run itself, not from the dataset folder.
 TRAIN = [*FAST, "subject=demo", "logger=wandb", "trainer.max_steps=3", "trainer.log_every_n_steps=1"]
-TRAIN += ["prior.num_images=2"]
+TRAIN += ["prior.num_images=2", "callbacks.samples.every_n_steps=0"]
 
 
 def run(command: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
@@ -190,3 +193,56 @@ def test_unreachable_models_fail_in_seconds_before_any_class_image(tmp_path, cac
     assert "http://127.0.0.1:9 is not reachable" in output
     assert time.monotonic() - started < 90  # two interpreter starts; the Hub's retries alone took minutes
     assert not (tmp_path / "cache" / "class_images").exists()
+
+
+NOISE = (
+    "requires torchvision",
+    "litlogger",
+    "anonymous setting has no effect",
+    "LeafSpec",
+    "No LoRA keys associated",
+    "Epoch 0/-2",
+    "There is a wandb run already in progress",
+)
+
+
+def test_console_shows_steps_and_where_outputs_are_without_library_noise(sweep):
+    output = sweep["output"]
+    assert [fragment for fragment in NOISE if fragment in output] == []
+    assert "step 3/3 |" in output  # the step progress bar
+    assert output.count("INFO: ") == 0  # Lightning's messages once, through Hydra's log format
+    summaries = output.split("Outputs of this run:")[1:]
+    assert len(summaries) == 2
+    first = summaries[0].split("\n[")[0]
+    assert (
+        f"run folder: {sweep['dir'] / '0'}" in first and f"exported model: {sweep['dir'] / '0' / 'pipeline'}" in first
+    )
+    assert f"final samples: {sweep['dir'] / '0' / 'final_samples' / 'grid.png'}" in first
+    assert f"W&B: wandb sync {sweep['dir'] / '0' / 'wandb' / 'offline-run-'}" in first
+
+
+def test_sample_grids_carry_their_prompts_as_row_labels(sweep):
+    grid = np.asarray(Image.open(sweep["dir"] / "0" / "samples" / "step_000003.png").convert("L"))
+    rows, size = 4, 64  # 4 validation prompts, 2 images each at 64 px
+    assert grid.shape[1] == 2 * size and grid.shape[0] > rows * size
+    band = (grid.shape[0] - rows * size) // rows
+    assert (grid[:band] < 100).any()  # dark text on the white band above the first row
+
+
+def test_image_grid_row_labels_keep_every_image_intact():
+    cells = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(4)]
+    grid = image_grid(cells, cols=2, row_labels=["jungle", "snow"])  # one line each: equal bands
+    pixels = np.asarray(grid)
+    band = (grid.height - 64) // 2
+    assert grid.width == 64 and band > 0
+    assert (pixels[band : band + 32, 32:64] == (40, 0, 0)).all()  # row 0, image 1
+    assert (pixels[2 * band + 32 :, :32] == (80, 0, 0)).all()  # row 1, image 0, below its own label
+    assert (pixels[:band] < 100).any() and (pixels[band + 32 : 2 * band + 32] < 100).any()
+    assert image_grid(cells, cols=2).size == (64, 64)  # without labels: the plain grid
+
+
+def test_help_answers_quickly_without_loading_the_models(tmp_path):
+    started = time.monotonic()
+    proc = run([sys.executable, str(REPO / "train.py"), "--help"], tmp_path)
+    assert "== Configuration groups ==" in proc.stdout and "subject:" in proc.stdout
+    assert time.monotonic() - started < 10  # 19 s when the whole package was imported first
