@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dreambooth_pl.dashboard import build_report
 from dreambooth_pl.images import image_grid
 from dreambooth_pl.loggers import RUN_RECORD, server_reachable
 from dreambooth_pl.resume import merge_overrides
@@ -246,3 +247,24 @@ def test_help_answers_quickly_without_loading_the_models(tmp_path):
     proc = run([sys.executable, str(REPO / "train.py"), "--help"], tmp_path)
     assert "== Configuration groups ==" in proc.stdout and "subject:" in proc.stdout
     assert time.monotonic() - started < 10  # 19 s when the whole package was imported first
+
+
+def test_dashboard_offline_prints_the_report_it_would_create(sweep):
+    proc = run([sys.executable, "-m", "dreambooth_pl.dashboard", str(sweep["dir"])], REPO)
+    heading, _, body = proc.stdout.partition("\n")
+    assert "would create this report in project 'dreambooth-pl'" in heading
+    spec = json.loads(body)
+    ids = [wandb_runs(sweep["dir"] / job)[0]["id"] for job in ("0", "1")]
+    assert spec["runset"] == {"name": "sweep", "group": ["sweep"], "runs": ids, "group_by": ["config.prior.weight"]}
+    panels = spec["panels"]
+    assert [p["type"] for p in panels] == ["line", *["bar"] * 5, "parallel_coordinates", "media", "table"]
+    assert panels[0]["y"] == ["train/loss", "train/instance_loss", "train/prior_loss"]
+    assert [p["metric"] for p in panels[1:6]] == ["eval/dino", "eval/clip_i", "eval/clip_t", "eval/pres", "eval/div"]
+    assert panels[6]["columns"] == ["prior.weight", "eval/dino", "eval/clip_i", "eval/clip_t", "eval/pres", "eval/div"]
+    assert panels[7]["keys"] == ["samples", "eval/grids"] and panels[8]["key"] == "eval/images"
+
+    pytest.importorskip("wandb_workspaces")
+    report = build_report(spec, entity="someone")  # W&B's own report objects, built without the network
+    assert report.project == "dreambooth-pl" and len(report.blocks) == 1
+    grid = report.blocks[0]
+    assert len(grid.panels) == len(panels) and grid.runsets[0].groupby == ["config.prior.weight"]
