@@ -15,24 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from dreambooth_pl.loggers import read_run_record, wandb_base_url, wandb_credentials_present
+from dreambooth_pl.loggers import read_run_record, swept_keys, wandb_base_url, wandb_credentials_present
 from dreambooth_pl.network import server_reachable
 
 EVAL_METRICS = {"eval/dino": "DINO", "eval/clip_i": "CLIP-I", "eval/clip_t": "CLIP-T", "eval/pres": "PRES"}
 EVAL_METRICS["eval/div"] = "DIV"
 LOSSES = ["train/loss", "train/instance_loss", "train/prior_loss"]
-
-
-def swept_keys(sweep_dir: Path) -> list[str]:
-    """The keys a sweep varied: the sweeper's params (an ablation config's) and the command line's sweeps."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    multirun = OmegaConf.load(sweep_dir / "multirun.yaml")
-    keys = list(multirun.hydra.sweeper.get("params") or {})
-    parsed = OverridesParser.create().parse_overrides(list(multirun.hydra.overrides.task))
-    return keys + [o.key_or_group for o in parsed if o.is_sweep_override() and o.key_or_group not in keys]
 
 
 def dashboard_spec(sweep_dir: str | Path) -> dict:

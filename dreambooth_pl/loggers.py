@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.network import server_reachable
 
 log = logging.getLogger(__name__)
@@ -39,29 +40,31 @@ def wandb_base_url() -> str:
     return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
-def sweep_group_and_values() -> tuple[str | None, list[str]]:
-    """In a Hydra multirun: the sweep folder's name (the W&B group) and this job's swept `key=value`s.
-
-    Swept keys are the sweeper's params (an ablation config's) and the command line's sweep overrides,
-    which Hydra's sweeper saves in `<sweep>/multirun.yaml`.
-    """
-    from hydra.core.hydra_config import HydraConfig
+def swept_keys(sweep_dir: Path) -> list[str]:
+    """The keys a sweep varies: the sweeper's params (an ablation config's) and the command line's sweep
+    overrides, as Hydra's sweeper saved them in `<sweep>/multirun.yaml` before launching the jobs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
     from omegaconf import OmegaConf
+
+    if not (sweep_dir / "multirun.yaml").is_file():
+        return []
+    multirun = OmegaConf.load(sweep_dir / "multirun.yaml")
+    keys = list(multirun.hydra.sweeper.get("params") or {})
+    parsed = OverridesParser.create().parse_overrides(list(multirun.hydra.overrides.task))
+    return keys + [o.key_or_group for o in parsed if o.is_sweep_override() and o.key_or_group not in keys]
+
+
+def sweep_group_and_values() -> tuple[str | None, list[str]]:
+    """In a Hydra multirun: the sweep folder's name (the W&B group) and this job's swept `key=value`s."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None, []
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    swept = set(hydra_cfg.sweeper.get("params") or {})
-    multirun = sweep_dir / "multirun.yaml"
-    if multirun.is_file():
-        command_line = list(OmegaConf.load(multirun).hydra.overrides.task)
-        parsed = OverridesParser.create().parse_overrides(command_line)
-        swept |= {o.key_or_group for o in parsed if o.is_sweep_override()}
-    values = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
-    return sweep_dir.name, values
+    swept = swept_keys(sweep_dir)
+    return sweep_dir.name, [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
 
 
 def read_run_record(save_dir: str | os.PathLike) -> dict | None:
@@ -72,7 +75,7 @@ def read_run_record(save_dir: str | os.PathLike) -> dict | None:
 def _choose_mode(mode: str, reachability_timeout: float) -> tuple[str, str | None]:
     """wandb's mode and, when it is offline by our choice, why (said once per run)."""
     if mode not in MODES:
-        raise ValueError(f"logger.wandb.mode={mode!r}: use one of {', '.join(MODES)}.")
+        raise ConfigError(f"logger.wandb.mode={mode!r}: use one of {', '.join(MODES)}.")
     if os.environ.get("WANDB_MODE") == "":  # set but empty: wandb's settings reject it; it means unset
         del os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_MODE"):  # the environment wins, as wandb itself decides
