@@ -268,3 +268,20 @@ def test_dashboard_offline_prints_the_report_it_would_create(sweep):
     assert report.project == "dreambooth-pl" and len(report.blocks) == 1
     grid = report.blocks[0]
     assert len(grid.panels) == len(panels) and grid.runsets[0].groupby == ["config.prior.weight"]
+
+
+def test_a_failed_job_ends_its_wandb_run_and_the_next_job_gets_its_own(tmp_path, cache_dir):
+    """Job 0 fails after its W&B run started (its evaluation's prompt file holds no prompt lists, which is
+    read only when it evaluates); job 1 (no evaluation), in the same process, must get a run of its own."""
+    prompts = tmp_path / "prompts_and_classes.txt"
+    prompts.write_text("subject_name,class\n")
+    tiny = tiny_eval_overrides(tiny_embedding_models(tmp_path / "embedders"))
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, str(REPO / "train.py"), "-m", *TRAIN, "eval.enabled=true,false", *tiny]
+    command += [f"eval.prompts_file={prompts}", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache_dir}"]
+    proc = run([*command, f"paths.dreambooth_root={tmp_path}"], tmp_path, expect=1)
+    assert "found no Object Prompts and Live Subject Prompts lists" in proc.stdout + proc.stderr
+    failed, succeeded = wandb_runs(sweep / "0"), wandb_runs(sweep / "1")
+    assert len(failed) == len(succeeded) == 1 and failed[0]["id"] != succeeded[0]["id"]
+    assert (failed[0]["exit_code"], succeeded[0]["exit_code"]) == (1, 0)
+    assert (sweep / "1" / "pipeline").is_dir()

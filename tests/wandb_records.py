@@ -49,7 +49,7 @@ def history_rows(run_file: Path) -> list[dict]:
 
 
 def run_summary(run_file: Path) -> dict:
-    """The run's identity (id, name, group, job type, tags), its config (top-level keys) and final summary."""
+    """The run's identity (id, name, group, job type, tags), config (top-level keys), summary and exit code."""
     info = {"config": {}, "summary": {}}
     for kind, record in _records(run_file):
         if kind == "run":
@@ -60,4 +60,6 @@ def run_summary(run_file: Path) -> dict:
             info["config"].update(_items(record.config.update))
         elif kind == "summary":
             info["summary"].update(_items(record.summary.update))
+        elif kind == "exit":
+            info["exit_code"] = record.exit.exit_code
     return info
