@@ -8,6 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from dreambooth_pl.config_utils import exit_on_config_error
 from dreambooth_pl.export import read_run_info
 from dreambooth_pl.images import image_grid, save_atomically
 from dreambooth_pl.models import load_pipeline
@@ -27,7 +28,7 @@ def generate(
     device: str | None = None,
     dtype: str | None = None,
 ) -> Path:
-    """Save one PNG per image and a grid (a row per prompt); return the grid's path.
+    """Save one PNG per image and a grid (a row per prompt, labelled with it); return the grid's path.
 
     Templates may use {identifier} and {class_noun}: they are filled from the run's dreambooth.json.
     """
@@ -43,14 +44,14 @@ def generate(
         save_atomically(image, out / f"p{prompt_index:02d}_{image_index:02d}.png")
         images.append(image)
     (out / "prompts.txt").write_text("\n".join(filled) + "\n")
-    grid = save_atomically(image_grid(images, cols=images_per_prompt), out / "grid.png")
+    grid = save_atomically(image_grid(images, cols=images_per_prompt, row_labels=filled), out / "grid.png")
     log.info("Wrote %d images and %s", len(images), grid)
     return grid
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    generate(**hydra.utils.instantiate(cfg.generate, _convert_="all"))
+    exit_on_config_error(lambda: generate(**hydra.utils.instantiate(cfg.generate, _convert_="all")))
 
 
 if __name__ == "__main__":
