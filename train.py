@@ -3,12 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.training import train
+from dreambooth_pl.config_utils import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    from dreambooth_pl.training import train  # imported here so that `--help` answers without loading torch
+
+    exit_on_config_error(lambda: train(cfg))
 
 
 if __name__ == "__main__":

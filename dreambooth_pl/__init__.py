@@ -1,1 +1,3 @@
-"""DreamBooth (Ruiz et al., CVPR 2023) with PyTorch Lightning and Hydra."""
+from dreambooth_pl.console import quiet_libraries
+
+quiet_libraries()

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -56,7 +57,7 @@ class SampleGrid(L.Callback):
         with trainer.precision_plugin.forward_context():
             images = [image for _, image in render(pl_module.pipeline(), rows, seeds, self.sampler)]
         pl_module.train(was_training)
-        grid = image_grid(images, cols=self.images_per_prompt)
+        grid = image_grid(images, cols=self.images_per_prompt, row_labels=prompts)
         path = save_atomically(
             grid, Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:06d}.png"
         )
@@ -64,3 +65,37 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples", [grid], step=trainer.global_step, caption=[" | ".join(prompts)])
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run in optimizer steps, `step 100/300`: a DreamBooth run is a step budget
+    (`trainer.max_steps`) over as many epochs as it takes, so an epoch bar would read `Epoch 1/-2`."""
+
+    BAR_FORMAT = "step {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.bar_format, bar.unit = self.BAR_FORMAT, "step"
+        return bar
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step  # a resume goes on
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        """One bar across epochs: nothing to reset."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step, bar = trainer.global_step, self.train_progress_bar
+        if step != bar.n and (step % self.refresh_rate == 0 or step == trainer.max_steps):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # also redraws
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version, not progress
+        return metrics

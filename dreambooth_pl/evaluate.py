@@ -21,15 +21,18 @@ from pathlib import Path
 
 import hydra
 from filelock import FileLock
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
+from dreambooth_pl.config_utils import ConfigError, exit_on_config_error
 from dreambooth_pl.dreambench import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.export import read_run_info
 from dreambooth_pl.files import atomic_file
 from dreambooth_pl.images import image_grid, is_readable_image, list_images, load_rgb, save_atomically
+from dreambooth_pl.loggers import close_loggers
 from dreambooth_pl.metrics import (
     ClipEmbedder,
     DinoEmbedder,
@@ -43,7 +46,7 @@ from dreambooth_pl.metrics import (
     lpips_input,
     self_similarity,
 )
-from dreambooth_pl.models import loaded_pipeline, model_fingerprint
+from dreambooth_pl.models import loaded_pipeline, model_fingerprint, require_reachable
 from dreambooth_pl.prompts import fill_prompt
 from dreambooth_pl.sampling import SamplerSettings, render
 
@@ -220,7 +223,7 @@ def _check(cfg: DictConfig) -> None:
     if cfg.pres.num_images < 0:
         problems.append(f"eval.pres.num_images={cfg.pres.num_images} must be >= 0 (0: no PRES)")
     if problems:
-        raise ValueError("Invalid eval config:\n  " + "\n  ".join(problems))
+        raise ConfigError("Invalid eval config:\n  " + "\n  ".join(problems))
 
 
 def evaluate_run(
@@ -255,6 +258,8 @@ def evaluate_run(
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     # everything that can fail fast (photos, embedding models, LPIPS) before minutes of generation
     real = [load_rgb(p) for p in list_images(real_images_dir, option="real_images_dir")]
+    require_reachable(cfg.dino.model, "eval.dino.model")
+    require_reachable(cfg.clip.model, "eval.clip.model")
     dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
     clip = ClipEmbedder(cfg.clip.model, Preprocess(**_preprocess(cfg.clip)), cfg.embed_batch_size, cfg.device)
     div_backend = choose_div_backend(cfg.div.backend)
@@ -428,6 +433,7 @@ def _log_to(
             ]
             logger.log_table("eval/images", columns=columns, data=rows, step=step)
             logger.log_image("eval/grids", list(grids.values()), step=step, caption=list(grids))
+            logger.experiment.summary.update(summary)  # the runs table and parallel coordinates compare these
         logger.save()
 
 
@@ -446,7 +452,7 @@ def find_export(run_dir: str | os.PathLike) -> Path:
 def evaluate_from_config(cfg: DictConfig) -> dict:
     """The standalone job: resolve the export, the subject and the real photos, then `evaluate_run`."""
     if not (cfg.run_dir or cfg.pipeline):
-        raise ValueError("Set run_dir=<training run folder> or pipeline=<exported model folder>.")
+        raise ConfigError("Set run_dir=<training run folder> or pipeline=<exported model folder>.")
     pipeline = Path(cfg.pipeline) if cfg.pipeline else find_export(cfg.run_dir)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else pipeline.parent
     info = read_run_info(pipeline)
@@ -457,7 +463,7 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     def pick(option: str, *candidates):
         value = next((c for c in (cfg[option], *candidates) if c is not None), None)
         if value is None:
-            raise ValueError(f"{option} is not in {pipeline / 'dreambooth.json'}: pass {option}=...")
+            raise ConfigError(f"{option} is not in {pipeline / 'dreambooth.json'}: pass {option}=...")
         return str(value)
 
     subject = pick("subject", info.get("subject"))
@@ -466,23 +472,35 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     table = read_class_table(cfg.eval.prompts_file)
     class_noun = pick("class_noun", saved_class, table.get(subject), info.get("class_noun"))
     noun = pick("instance_class_noun", info.get("class_noun"), class_noun)
-    real_images_dir = cfg.real_images_dir or str(Path(cfg.paths.dreambooth_root) / "dataset" / subject)
-    return evaluate_run(
-        str(pipeline),
-        str(cfg.output_dir or run_dir),
-        cfg.eval,
-        real_images_dir,
-        subject,
-        class_noun,
-        identifier,
-        instance_class_noun=noun,
-        run_meta=run_meta,
-    )
+    # the photos the run trained on (dreambooth.json), for exports older than that the dataset's folder
+    dataset_photos = str(Path(cfg.paths.dreambooth_root) / "dataset" / subject)
+    real_images_dir = cfg.real_images_dir or info.get("instance_dir") or dataset_photos
+
+    # the training run's W&B run gets the evaluation (same id); a run without one gets a new eval run
+    loggers = [instantiate(cfg.logger.wandb, save_dir=str(run_dir))] if cfg.logger.wandb else []
+    succeeded = False
+    try:
+        result = evaluate_run(
+            str(pipeline),
+            str(cfg.output_dir or run_dir),
+            cfg.eval,
+            real_images_dir,
+            subject,
+            class_noun,
+            identifier,
+            instance_class_noun=noun,
+            run_meta=run_meta,
+            loggers=loggers,
+        )
+        succeeded = True
+    finally:
+        close_loggers(loggers, succeeded)
+    return result
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate_from_config(cfg)
+    exit_on_config_error(lambda: evaluate_from_config(cfg))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from dreambooth_pl.config_utils import exit_on_config_error
 from dreambooth_pl.export import read_run_info, write_dir_atomically
 from dreambooth_pl.images import image_grid
 from dreambooth_pl.models import load_pipeline
@@ -27,7 +28,7 @@ def generate(
     device: str | None = None,
     dtype: str | None = None,
 ) -> Path:
-    """Save one PNG per image and a grid (a row per prompt); return the grid's path.
+    """Save one PNG per image and a grid (a row per prompt, labelled with it); return the grid's path.
 
     Templates may use {identifier} and {class_noun}: they are filled from the run's dreambooth.json.
     The folder is replaced as a whole, so it holds exactly the images its prompts.txt lists.
@@ -45,7 +46,7 @@ def generate(
             image.save(folder / f"p{prompt_index:02d}_{image_index:02d}.png")
             images.append(image)
         (folder / "prompts.txt").write_text("\n".join(filled) + "\n")
-        image_grid(images, cols=images_per_prompt).save(folder / "grid.png")
+        image_grid(images, cols=images_per_prompt, row_labels=filled).save(folder / "grid.png")
         log.info("Wrote %d images and a grid to %s", len(images), output_dir)
 
     return write_dir_atomically(output_dir, write) / "grid.png"
@@ -53,7 +54,7 @@ def generate(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    generate(**hydra.utils.instantiate(cfg.generate, _convert_="all"))
+    exit_on_config_error(lambda: generate(**hydra.utils.instantiate(cfg.generate, _convert_="all")))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ import logging
 import math
 import os
 import random
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.files import atomic_file
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 UNREADABLE = (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(ConfigError):
     """A folder of training images is missing, empty or holds an unreadable file."""
 
 
@@ -89,13 +91,26 @@ def is_readable_image(path: str | os.PathLike) -> bool:
         return False
 
 
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+def image_grid(images: list[Image.Image], cols: int | None = None, row_labels: list[str] | None = None) -> Image.Image:
+    """Images in rows of `cols`; with `row_labels`, each row has its label (e.g. its prompt) written above it."""
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % cols) * width, (index // cols) * height))
+    font = ImageFont.load_default()
+    line_height = font.getbbox("Ag")[3] + 2
+    chars_per_line = max(8, int(cols * width // max(1.0, font.getlength("x"))))
+    labels = [textwrap.wrap(label, chars_per_line) or [""] for label in row_labels or []]
+    bands = [line_height * len(lines) + 4 for lines in labels] or [0] * rows
+    grid = Image.new("RGB", (cols * width, rows * height + sum(bands)), "white")
+    draw = ImageDraw.Draw(grid)
+    top = 0
+    for row in range(rows):
+        for k, line in enumerate(labels[row] if labels else []):
+            draw.text((2, top + 2 + k * line_height), line, fill="black", font=font)
+        top += bands[row]
+        for col, image in enumerate(images[row * cols : (row + 1) * cols]):
+            grid.paste(image, (col * width, top))
+        top += height
     return grid
 
 

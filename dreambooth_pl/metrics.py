@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from dreambooth_pl.models import ModelNotReachable
+from dreambooth_pl.models import ModelNotReachable, download_hint
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,7 @@ def _from_pretrained(cls, model_id: str, option: str, **kwargs):
         if model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().exists():
             hint = f"{option}={model_id!r} must be a folder written by save_pretrained (config and weights)."
         else:
-            hint = (
-                "Without network access the Hugging Face Hub is not reachable: download the model elsewhere "
-                f"(`huggingface-cli download {model_id} --local-dir /path`) and set {option}=/path."
-            )
+            hint = download_hint(option, model_id)
         raise ModelNotReachable(f"Could not load {option}={model_id!r}: {err}\n{hint}") from err
 
 

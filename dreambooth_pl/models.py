@@ -28,12 +28,14 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.export import (
     LORA_WEIGHTS,
     TEXTUAL_INVERSION_WEIGHTS,
     read_run_info,
     save_pipeline_atomically,
 )
+from dreambooth_pl.network import server_reachable
 from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,10 @@ REQUIRED_FILES = {
     "tokenizer": [("*.json", "*.txt")],
     "scheduler": [("scheduler_config.json",)],
 }
+INDEX_FILES = ("model_index.json", "config.json")  # a pipeline's, a single model's (DINO, CLIP)
 
 
-class ModelNotReachable(RuntimeError):
+class ModelNotReachable(ConfigError):
     """The configured weights are neither a local diffusers folder nor downloadable."""
 
 
@@ -107,15 +110,42 @@ def model_fingerprint(pretrained: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def download_hint(option: str, model_id: str = "<id>") -> str:
+    """What to do when the Hub is out of reach, with the download command the installed huggingface_hub has."""
+    return (
+        f"Download the model where there is network access (`hf download {model_id} --local-dir /path`), "
+        f"copy the folder here and set {option}=/path."
+    )
+
+
+def require_reachable(model_id: str, option: str, revision: str | None = None, timeout: float = 5.0) -> None:
+    """Fail in seconds, before any work, when hub weights are neither cached nor downloadable.
+
+    Local folders are checked where they are loaded. Without this, an unreachable Hub costs minutes of
+    retries (and, for evaluation, comes after the whole training run).
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().exists() or model_id.count("/") > 1:
+        return
+    if any(isinstance(try_to_load_from_cache(model_id, name, revision=revision), str) for name in INDEX_FILES):
+        return
+    if constants.HF_HUB_OFFLINE:
+        problem = "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    elif not server_reachable(constants.ENDPOINT, timeout):
+        problem = f"is not in the local Hugging Face cache and {constants.ENDPOINT} is not reachable"
+    else:
+        return
+    raise ModelNotReachable(f"{option}={model_id!r} {problem}. {download_hint(option, model_id)}")
+
+
 def _from_pretrained(cls, pretrained: str, subfolder: str, **kwargs):
     try:
         return cls.from_pretrained(pretrained, subfolder=subfolder, **kwargs)
     except OSError as err:
         raise ModelNotReachable(
             f"Could not load '{subfolder}' of model.pretrained={pretrained!r}: {err}\n"
-            "Without network access the Hugging Face Hub is not reachable: download the model elsewhere "
-            "(`huggingface-cli download <id> --local-dir /path`) and set model.pretrained=/path, "
-            "or use model=tiny, which needs no download."
+            f"{download_hint('model.pretrained', pretrained)} Or use model=tiny, which needs no download."
         ) from err
 
 

@@ -14,14 +14,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.checkpoints import resolve_ckpt_path
-from dreambooth_pl.config_utils import resolve_path
+from dreambooth_pl.config_utils import ConfigError, resolve_path
+from dreambooth_pl.console import one_console_handler
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.evaluate import evaluate_run, run_meta_from_config
 from dreambooth_pl.export import recover_exports
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
+from dreambooth_pl.loggers import close_loggers, wandb_location
 from dreambooth_pl.methods import FineTuneMethod
-from dreambooth_pl.models import load_tokenizer
+from dreambooth_pl.models import load_tokenizer, require_reachable
 from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.prompts import check_template, fill_prompt, require_identifier
 
@@ -46,6 +48,12 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"model.resolution={cfg.model.resolution} must be a multiple of 8")
     if cfg.data.batch_size < 1:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    if cfg.sampler.resolution != cfg.model.resolution and (cfg.sampler.resolution % 8 or cfg.sampler.resolution < 8):
+        problems.append(f"sampler.resolution={cfg.sampler.resolution} must be a positive multiple of 8")
+    if cfg.eval.enabled and cfg.eval.sampler.resolution and cfg.eval.sampler.resolution % 8:
+        problems.append(f"eval.sampler.resolution={cfg.eval.sampler.resolution} must be a multiple of 8 (or null)")
+    if cfg.eval.enabled and not os.path.isfile(cfg.eval.prompts_file):
+        problems.append(f"eval.prompts_file={cfg.eval.prompts_file!r} does not exist (the dataset's prompt list)")
     if cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
     if cfg.prior.weight < 0:
@@ -57,7 +65,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.eval.enabled and not cfg.export.enabled:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     if problems:
-        raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
     instance = instance_templates(cfg)
     instance_options = (
         ["prompts.instance"] if len(instance) == 1 else [f"prompts.instance[{i}]" for i in range(len(instance))]
@@ -93,6 +101,14 @@ def warn_unseen_class_images(cfg: DictConfig) -> None:
         )
 
 
+def require_models(cfg: DictConfig, pretrained: str) -> None:
+    """Every model the job will load is cached, local or downloadable: checked in seconds, before class images."""
+    require_reachable(pretrained, "model.pretrained", cfg.model.revision)
+    if cfg.eval.enabled:
+        require_reachable(cfg.eval.dino.model, "eval.dino.model")
+        require_reachable(cfg.eval.clip.model, "eval.clip.model")
+
+
 @dataclass
 class Run:
     """What a training job is built from; `bench` builds the same pieces."""
@@ -110,6 +126,7 @@ def build_run(cfg: DictConfig) -> Run:
     check_config(cfg)
     instance_dir = resolve_path(cfg.subject.instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
+    require_models(cfg, pretrained)
     tokenizer = load_tokenizer(pretrained, cfg.model.revision)
     method = instantiate(cfg.method)
     identifier = method.prompt_token(resolve_identifier(tokenizer, **cfg.identifier))
@@ -142,6 +159,7 @@ def build_run(cfg: DictConfig) -> Run:
 
 
 def train(cfg: DictConfig) -> dict:
+    one_console_handler()
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=str(output_dir / "checkpoints"))
@@ -149,6 +167,32 @@ def train(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         recover_exports(output_dir)
     run = build_run(cfg)
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    succeeded = False
+    try:
+        result = fit_and_export(cfg, run, loggers, ckpt_path)
+        succeeded = True
+    finally:
+        close_loggers(loggers, succeeded)  # every job of a sweep ends its own W&B run, also on failure
+    if result["is_global_zero"]:
+        log.info("Outputs of this run:\n  %s", "\n  ".join(f"{k}: {v}" for k, v in run_outputs(result).items()))
+    return result
+
+
+def run_outputs(result: dict) -> dict:
+    """Where a finished run's products are, for the closing message."""
+    named = {
+        "run folder": result["output_dir"],
+        "exported model": result.get("pipeline"),
+        "final samples": result.get("samples"),
+        "evaluation": result.get("eval") and result["eval"]["metrics_file"],
+        "W&B": result.get("wandb"),
+    }
+    return {name: value for name, value in named.items() if value}
+
+
+def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | None = None) -> dict:
+    output_dir = Path(cfg.paths.output_dir)
     pretrained, method, prompts, datamodule, module = (
         run.pretrained,
         run.method,
@@ -157,7 +201,6 @@ def train(cfg: DictConfig) -> dict:
         run.module,
     )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
@@ -165,12 +208,20 @@ def train(cfg: DictConfig) -> dict:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    result = {"output_dir": str(output_dir), "global_step": trainer.global_step, "module": module, **prompts}
+    result = {
+        "output_dir": str(output_dir),
+        "global_step": trainer.global_step,
+        "module": module,
+        "is_global_zero": trainer.is_global_zero,
+        "wandb": wandb_location(loggers),
+        **prompts,
+    }
     if trainer.is_global_zero and cfg.export.enabled:
         base_model = os.path.abspath(pretrained) if os.path.exists(pretrained) else pretrained
         run_info = {
             **prompts,
             "subject": cfg.subject.name,
+            "instance_dir": os.path.abspath(run.instance_dir),  # the real photos evaluation compares with
             "base_model": base_model,
             "method": method.name,
             "steps": trainer.global_step,
@@ -198,6 +249,4 @@ def train(cfg: DictConfig) -> dict:
                 run_meta=run_meta_from_config(cfg),
                 loggers=loggers,
             )
-    for logger in loggers:
-        logger.finalize("success")
     return result

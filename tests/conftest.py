@@ -3,23 +3,105 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-DREAMBOOTH_ROOT = SHARED / "dreambooth"
-CLIP_BPE = SHARED / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_BPE_URL = f"https://github.com/openai/CLIP/raw/main/clip/{CLIP_BPE_NAME}"
+SYNTHETIC_PROMPTS = ["in the jungle", "in the snow", "on the beach"] + [f"in test scene {i}" for i in range(3, 25)]
 
-needs_dataset = pytest.mark.skipif(
-    not (DREAMBOOTH_ROOT / "dataset").is_dir(), reason=f"DreamBooth dataset not present at {DREAMBOOTH_ROOT}"
+
+def _project_dreambooth_root() -> Path:
+    """Where `python train.py` looks (conf/paths: $DREAMBOOTH_ROOT, else data/dreambooth beside the repo root)."""
+    root = Path(OmegaConf.load(REPO / "conf" / "paths" / "default.yaml").dreambooth_root)
+    return root if root.is_absolute() else REPO / root
+
+
+def synthetic_dreambooth_root(root: Path) -> Path:
+    """A small DreamBooth-dataset-shaped folder: every subject of conf/subject/ with 5 rendered photos (the demo
+    teapot, a seed per subject) and a `prompts_and_classes.txt` in the dataset's format, with made-up prompts.
+
+    Built once (by rename, so parallel sessions never see half of it); the end-to-end tests then run without
+    the real dataset. Tests of the published prompts and photos themselves use `needs_real_dataset`.
+    """
+    if (root / "dataset" / "prompts_and_classes.txt").is_file():
+        return root
+    from dreambooth_pl.demo_subject import render_demo_subject
+
+    subjects = {}
+    for path in sorted((REPO / "conf" / "subject").glob("*.yaml")):
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if "${paths.dreambooth_root}/dataset/" in str(config["instance_dir"]):
+            subjects[config["name"]] = config["class_noun"]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    for seed, name in enumerate(subjects):
+        rendered = render_demo_subject(staging / "render" / name, num_images=5, size=256, seed=seed)
+        for i, png in enumerate(sorted(rendered.glob("*.png"))):
+            (staging / "dataset" / name).mkdir(parents=True, exist_ok=True)
+            Image.open(png).convert("RGB").save(staging / "dataset" / name / f"{i:02d}.jpg", quality=95)
+    prompts = [f"'a {{0}} {{1}} {where}'.format(unique_token, class_token)," for where in SYNTHETIC_PROMPTS]
+    lines = ["Classes", "", "subject_name,class", *(f"{k},{v}" for k, v in subjects.items()), "", "Prompts", ""]
+    for section in ("Object Prompts", "Live Subject Prompts"):
+        lines += [section, "", "prompt_list = [", *prompts, "]", ""]
+    (staging / "dataset" / "prompts_and_classes.txt").write_text("\n".join(lines))
+    shutil.rmtree(staging / "render")
+    try:
+        staging.rename(root)
+    except OSError:  # another session finished first
+        shutil.rmtree(staging)
+    return root
+
+
+def find_dreambooth_root() -> tuple[Path, str]:
+    """The DreamBooth dataset where the project finds it, else ../shared, else the synthetic stand-in
+    (always with DREAMBOOTH_PL_TEST_DATA=synthetic)."""
+    found = [(_project_dreambooth_root(), "paths.dreambooth_root"), (SHARED / "dreambooth", "../shared")]
+    for root, how in found if os.environ.get("DREAMBOOTH_PL_TEST_DATA") != "synthetic" else []:
+        if (root / "dataset" / "prompts_and_classes.txt").is_file():
+            return root, f"the DreamBooth dataset at {root} ({how})"
+    root = synthetic_dreambooth_root(Path(tempfile.gettempdir()) / "dreambooth-pl-tests" / "synthetic-dataset-v1")
+    return root, (
+        f"a synthetic dataset-shaped stand-in at {root} (no DreamBooth dataset under $DREAMBOOTH_ROOT, "
+        "data/dreambooth or ../shared/dreambooth; tests of the published data are skipped)"
+    )
+
+
+def find_clip_bpe() -> Path:
+    """CLIP's BPE merges: $CLIP_BPE, data/clip-bpe/ or ../shared/clip-bpe/."""
+    candidates = [Path(p) for p in [os.environ.get("CLIP_BPE")] if p]
+    candidates += [REPO / "data" / "clip-bpe" / CLIP_BPE_NAME, SHARED / "clip-bpe" / CLIP_BPE_NAME]
+    return next((p for p in candidates if p.is_file()), candidates[-1])
+
+
+DREAMBOOTH_ROOT, DATASET_SOURCE = find_dreambooth_root()
+REAL_DATASET = not DATASET_SOURCE.startswith("a synthetic")
+CLIP_BPE = find_clip_bpe()
+CLIP_BPE_MISSING = (
+    f"CLIP BPE file not found: download {CLIP_BPE_URL} to data/clip-bpe/{CLIP_BPE_NAME} (or set $CLIP_BPE)"
 )
+
+# always true now (the synthetic stand-in fills in); kept for the tests that read dataset folders
+needs_dataset = pytest.mark.skipif(not (DREAMBOOTH_ROOT / "dataset").is_dir(), reason="no dataset-shaped data")
+# the published photos and prompts themselves
+needs_real_dataset = pytest.mark.skipif(not REAL_DATASET, reason=DATASET_SOURCE)
+needs_clip_bpe = pytest.mark.skipif(not CLIP_BPE.is_file(), reason=CLIP_BPE_MISSING)
+
+
+def pytest_report_header(config) -> list[str]:
+    return [f"data: {DATASET_SOURCE}", f"CLIP BPE: {CLIP_BPE if CLIP_BPE.is_file() else CLIP_BPE_MISSING}"]
+
 
 # A fast but complete run: a dataset subject, a few class images, few sampler steps, no periodic grids.
 FAST = [

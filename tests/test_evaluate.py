@@ -30,7 +30,7 @@ from dreambooth_pl.evaluate import (
 )
 from dreambooth_pl.images import ImageFolderError
 from dreambooth_pl.models import ModelNotReachable
-from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
+from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset, needs_real_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.wandb_records import history_rows
 
@@ -104,7 +104,7 @@ def sweep(tmp_path_factory, cache_dir) -> Path:
 # --------------------------------------------------------------------------- prompts
 
 
-@needs_dataset
+@needs_real_dataset
 def test_dreambench_prompt_lists_and_classes():
     lists = read_prompt_lists(PROMPTS_FILE)
     assert {k: len(v) for k, v in lists.items()} == {"object": 25, "live": 25}
@@ -317,6 +317,7 @@ def test_rerun_reuses_every_image(sweep, tmp_path_factory, monkeypatch):
     models = tiny_embedding_models(tmp_path_factory.getbasetemp() / "embedders")
     cfg = compose_eval(
         ["run_dir=" + str(sweep / "1"), *tiny_eval_overrides(models), *QUICK, "eval.images_per_prompt=1"]
+        + ["logger.wandb=null"]  # no W&B run inside the test process
     )
     result = evaluate_from_config(cfg)
     assert result["generated"] == 0

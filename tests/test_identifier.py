@@ -13,9 +13,10 @@ from dreambooth_pl.identifier import (
     resolve_identifier,
 )
 from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
+from tests.conftest import CLIP_BPE, CLIP_BPE_MISSING
 
 REPO = Path(__file__).resolve().parents[1]
-BPE_PATH = Path(__file__).resolve().parents[2] / "shared" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_PATH = CLIP_BPE
 CLIP_MERGES = 48894
 RARE_BAND_START = 512 + CLIP_MERGES - round(0.1 * CLIP_MERGES)  # first id of the default rare band
 
@@ -32,7 +33,7 @@ ENGLISH = set(
 @pytest.fixture(scope="module")
 def clip_vocab():
     if not BPE_PATH.exists():
-        pytest.skip(f"CLIP BPE merges not found at {BPE_PATH}")
+        pytest.skip(CLIP_BPE_MISSING)
     return clip_vocab_from_bpe(BPE_PATH)
 
 

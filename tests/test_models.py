@@ -16,7 +16,7 @@ from dreambooth_pl.models import (
     check_pretrained,
     load_components,
 )
-from tests.conftest import CLIP_BPE, FAST, compose_train
+from tests.conftest import CLIP_BPE, FAST, compose_train, needs_clip_bpe
 
 
 def test_tiny_model_is_a_diffusers_pipeline(tiny_pretrained):
@@ -49,7 +49,7 @@ def test_build_is_cached_and_keyed_by_config(tmp_path, cache_dir):
     ] == []  # no staging
 
 
-@pytest.mark.skipif(not CLIP_BPE.exists(), reason=f"CLIP BPE not present at {CLIP_BPE}")
+@needs_clip_bpe
 def test_tiny_model_with_the_real_clip_vocabulary(tmp_path, cache_dir):
     cfg = compose_train([*FAST, f"model.pretrained.tokenizer.clip_bpe={CLIP_BPE}"], tmp_path, cache_dir)
     spec = {k: v for k, v in cfg.model.pretrained.items() if k != "_target_"}

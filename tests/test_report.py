@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +198,26 @@ def test_notebook_runs_top_to_bottom_on_a_tiny_sweep(sweep, monkeypatch, tmp_pat
     ]
     shown = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) == 5  # every figure is also displayed inline
+
+
+@needs_dataset
+def test_readme_notebook_command_with_a_relative_sweep(sweep, tmp_path):
+    """`DREAMBOOTH_SWEEP_DIR=$SWEEP jupyter execute notebooks/analysis.ipynb` from the repository root, as the
+    README says, with $SWEEP relative to it; on a sweep without evaluations it shows the report's own message."""
+    jupyter = shutil.which("jupyter")
+    if jupyter is None:
+        pytest.skip('jupyter not installed: pip install -e ".[notebook]"')
+    copy = tmp_path / "sweep"
+    for run in ("0", "1"):
+        shutil.copytree(sweep / run / "eval", copy / run / "eval", ignore=shutil.ignore_patterns("images"))
+    command = [jupyter, "execute", "notebooks/analysis.ipynb"]
+    env = {**os.environ, "DREAMBOOTH_SWEEP_DIR": os.path.relpath(copy, REPO)}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((copy / "report" / "figures").glob("*.png"))) == 5
+
+    (tmp_path / "unevaluated" / "0").mkdir(parents=True)
+    env["DREAMBOOTH_SWEEP_DIR"] = os.path.relpath(tmp_path / "unevaluated", REPO)
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "evaluate the runs first" in proc.stderr
+    assert "CalledProcessError" not in proc.stderr

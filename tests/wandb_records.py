@@ -33,13 +33,33 @@ def _payloads(data: bytes):
             yield pending + chunk
 
 
-def history_rows(run_file: Path) -> list[dict]:
-    rows = []
+def _records(run_file: Path):
     for payload in _payloads(Path(run_file).read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            )
-    return rows
+        yield record.WhichOneof("record_type"), record
+
+
+def _items(items) -> dict:
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def history_rows(run_file: Path) -> list[dict]:
+    return [_items(record.history.item) for kind, record in _records(run_file) if kind == "history"]
+
+
+def run_summary(run_file: Path) -> dict:
+    """The run's identity (id, name, group, job type, tags), config (top-level keys), summary and exit code."""
+    info = {"config": {}, "summary": {}}
+    for kind, record in _records(run_file):
+        if kind == "run":
+            run = record.run
+            info.update(id=run.run_id, name=run.display_name, group=run.run_group, job_type=run.job_type)
+            info["tags"] = list(run.tags)
+        elif kind == "config":
+            info["config"].update(_items(record.config.update))
+        elif kind == "summary":
+            info["summary"].update(_items(record.summary.update))
+        elif kind == "exit":
+            info["exit_code"] = record.exit.exit_code
+    return info
