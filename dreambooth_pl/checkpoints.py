@@ -11,12 +11,17 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.files import atomic_file
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+# other values of ckpt_path that Lightning resolves itself
+LIGHTNING_SPECIAL = ("best", "hpc", "registry")
+
+
+class CheckpointError(ConfigError):
     """A checkpoint file cannot be read."""
 
 
@@ -58,8 +63,8 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | Path, output_
     before this project wrote checkpoints whole, a bad copy) is skipped with a warning. None when there is
     no checkpoint yet, so `ckpt_path=last` is safe in every job script.
     """
-    if ckpt_path is None:
-        return None
+    if ckpt_path is None or ckpt_path in LIGHTNING_SPECIAL:
+        return ckpt_path
     if ckpt_path != "last":
         if not Path(ckpt_path).is_file():
             raise CheckpointError(f"ckpt_path={ckpt_path!r}: no such file.")

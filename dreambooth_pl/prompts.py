@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import string
 
+from dreambooth_pl.config_utils import ConfigError
+
 
 def check_template(template: str, option: str = "prompt template") -> None:
     """A template fills only `{identifier}` and `{class_noun}`; errors name the option that holds it."""
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:  # "Single '}' encountered in format string"
-        raise ValueError(f"{option}={template!r}: {err}; write a literal brace as {{{{ or }}}}.") from None
+        raise ConfigError(f"{option}={template!r}: {err}; write a literal brace as {{{{ or }}}}.") from None
     unknown = fields - {"identifier", "class_noun"}
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{option}={template!r} uses unknown field(s) {sorted(unknown)}; use {{identifier}} and {{class_noun}}."
         )
 
@@ -26,4 +28,4 @@ def fill_prompt(template: str, identifier: str = "", class_noun: str = "") -> st
 
 def require_identifier(template: str, option: str) -> None:
     if "{identifier}" not in template:
-        raise ValueError(f"{option}={template!r} must contain {{identifier}}: the subject is bound to it.")
+        raise ConfigError(f"{option}={template!r} must contain {{identifier}}: the subject is bound to it.")
