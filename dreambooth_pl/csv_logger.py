@@ -47,7 +47,8 @@ class ResumableCSVLogger(CSVLogger):
 
     Lightning writes the rows to disk as they are logged; after a kill, the resumed run drops the rows
     past its checkpoint and appends from there, so metrics.csv reads as one uninterrupted run's (Lightning's
-    own logger would start a new version, or delete the file when given the same one).
+    own logger would start a new version, or delete the file when given the same one). Lightning logs a
+    step's row just after that step's checkpoint: a kill in between loses that one row.
     """
 
     def __init__(self, save_dir: str, name: str = "csv", version: int | str = 0, **kwargs: Any):

@@ -82,15 +82,16 @@ def csv_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    """Same final UNet and the same logged losses, step by step."""
+def assert_same_run(a: Path, b: Path, may_lack: int | None = None) -> None:
+    """Same final UNet and the same logged losses, step by step (`b` may lack the row of step `may_lack`)."""
     wa, wb = unet_weights(a), unet_weights(b)
     assert wa.keys() == wb.keys()
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 1e-6, f"resumed weights differ by {worst}"
-    la, lb = csv_losses(a), csv_losses(b)
-    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(150))  # no gap, no repeat
-    assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la, lb))
+    la, lb = dict(csv_losses(a)), dict(csv_losses(b))
+    assert list(la) == list(range(150))
+    assert [s for s in range(150) if s != may_lack] == [s for s in lb if s != may_lack]  # no gap, no repeat
+    assert all(abs(la[s] - lb[s]) < 1e-5 for s in lb)
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +118,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, cache_dir, straight_ru
     assert not (killed / "pipeline").exists(), "the run finished before it could be killed"
     step = torch.load(last, weights_only=True)["global_step"]
     assert 0 < step < 150 and step % 5, f"checkpoint at step {step} should be mid-epoch (5 steps an epoch)"
-    assert [s for s, _ in csv_losses(killed)][:step] == list(range(step))  # the rows logged before the kill
+    # Rows reach disk as they are logged; Lightning logs a step's row just after that step's checkpoint, so a
+    # kill in between loses that one row (the resumed run starts at the next step).
+    assert [s for s, _ in csv_losses(killed)][: step - 1] == list(range(step - 1))
 
     proc = train_py([*resume_args(killed, cache_dir), "ckpt_path=last"], tmp_path / "resumed.log")
     proc.wait(timeout=600)
     out = (tmp_path / "resumed.log").read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "Restored all states" in out
-    assert_same_run(straight_run, killed)
+    assert_same_run(straight_run, killed, may_lack=step - 1)
 
 
 class SigtermAtStep(L.Callback):
