@@ -52,11 +52,17 @@ class FineTuneMethod:
         from dreambooth_pl.models import load_pipeline
 
         base = module.hparams
-        pipe = load_pipeline(base.pretrained, "cpu", revision=base.revision, variant=base.variant)
+        pipe = load_pipeline(base.pretrained, "cpu", revision=base.revision, variant=base.variant, vae=base.vae)
         learned = ["unet", *module.text_encoder_names] if self.train_text_encoder else ["unet"]
         for name in learned:
             getattr(pipe, name).load_state_dict(getattr(module, name).state_dict())
         return save_pipeline_atomically(pipe, output_dir / self.export_dirname, run_info)
+
+
+def with_base_vae(run_info: dict, module) -> dict:
+    """Adapter and embedding exports load on top of the base model: they name its separate VAE, if any."""
+    vae = module.hparams.get("vae")
+    return {**run_info, "base_vae": vae} if vae else run_info
 
 
 class LoRA(FineTuneMethod):
@@ -125,7 +131,7 @@ class LoRA(FineTuneMethod):
         target = write_dir_atomically(
             output_dir / self.export_dirname,
             lambda staging: module.family.save_lora_weights(staging, lora_state(module.unet), text_layers),
-            run_info,
+            with_base_vae(run_info, module),
         )
         if self.export_merged:
             from dreambooth_pl.models import load_pipeline
@@ -200,5 +206,7 @@ class TextualInversion(FineTuneMethod):
                 save_file(tensors, staging / filename)
 
         return write_dir_atomically(
-            output_dir / self.export_dirname, write, {**run_info, "placeholder": self.placeholder}
+            output_dir / self.export_dirname,
+            write,
+            {**with_base_vae(run_info, module), "placeholder": self.placeholder},
         )

@@ -105,14 +105,17 @@ def load_pipeline(
     dtype: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    vae: str | None = None,
 ) -> DiffusionPipeline:
-    """A whole pipeline for inference; dtype is a torch dtype name such as "float16".
+    """A whole pipeline for inference; dtype is a torch dtype name such as "float16"; `vae` a separate VAE.
 
-    `pretrained` may also be a LoRA or Textual Inversion export: its dreambooth.json names the base model.
+    `pretrained` may also be a LoRA or Textual Inversion export: its dreambooth.json names the base model
+    (and the separate VAE it was trained with, if any).
     """
     folder = Path(pretrained)
     if (folder / LORA_WEIGHTS).exists() or (folder / TEXTUAL_INVERSION_WEIGHTS).exists():
-        pipe = load_pipeline(read_run_info(folder)["base_model"], device, dtype, revision, variant)
+        info = read_run_info(folder)
+        pipe = load_pipeline(info["base_model"], device, dtype, revision, variant, info.get("base_vae"))
         if (folder / LORA_WEIGHTS).exists():
             pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
         else:
@@ -120,6 +123,8 @@ def load_pipeline(
         return pipe
     check_pretrained(pretrained)
     extra = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    if vae:
+        extra["vae"] = from_pretrained_or_explain(AutoencoderKL, vae, None, **extra)
     # model_index.json names the pipeline class, and so the family (exports carry no config)
     index = from_pretrained_or_explain(DiffusionPipeline, pretrained, None, revision=revision, load="load_config")
     family = family_of_pipeline(index["_class_name"])
@@ -136,9 +141,10 @@ def loaded_pipeline(
     dtype: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    vae: str | None = None,
 ) -> Iterator[DiffusionPipeline]:
     """A pipeline for one block of generation; its memory (GPU included) is released afterwards."""
-    pipe = load_pipeline(pretrained, device, dtype, revision, variant)
+    pipe = load_pipeline(pretrained, device, dtype, revision, variant, vae)
     try:
         yield pipe
     finally:

@@ -107,13 +107,15 @@ class DreamBoothModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Under half-precision training, frozen weights are stored in the compute dtype to save memory;
         whatever learns (full weights, LoRA adapters) stays in fp32, and so do the models the method keeps
-        whole in fp32. The export reads frozen weights from the base model, never these rounded copies."""
+        whole in fp32, and the VAE where its config says it overflows in half precision (force_upcast: SDXL's).
+        The export reads frozen weights from the base model, never these rounded copies."""
         half = next((d for k, d in HALF_PRECISIONS.items() if str(self.trainer.precision).startswith(k)), None)
         if half is None:
             return
         for name in ("unet", "vae", *self.text_encoder_names):
             model = getattr(self, name)
-            if self.method.keeps_full_precision(name, self.text_encoder_names):
+            upcast_vae = name == "vae" and getattr(model.config, "force_upcast", False)
+            if upcast_vae or self.method.keeps_full_precision(name, self.text_encoder_names):
                 model.float()
                 continue
             for param in model.parameters():
@@ -161,7 +163,9 @@ class DreamBoothModule(L.LightningModule):
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
     def _run_vae_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.parameters
+        """In the VAE's own dtype, outside autocast: an fp32 (upcast) VAE must not be cast back to half."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.parameters
 
     def compute_loss(
         self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None

@@ -14,6 +14,7 @@ from dreambooth_pl.families.base import Components, ModelFamily, PromptEmbedding
 
 FAMILIES = {
     "sd": "dreambooth_pl.families.sd.StableDiffusion",
+    "sdxl": "dreambooth_pl.families.sdxl.StableDiffusionXL",
 }
 
 

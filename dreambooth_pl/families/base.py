@@ -55,7 +55,6 @@ class PromptEmbeddings:
 class ModelFamily:
     """One model family. Subclasses set the class attributes and implement `encode_prompts`."""
 
-    name: ClassVar[str]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     # pipeline name -> class of each text encoder, and the tokenizer that feeds it, in pipeline order
     text_encoder_classes: ClassVar[dict[str, type]]

@@ -9,7 +9,6 @@ from dreambooth_pl.families.base import ModelFamily, PromptEmbeddings
 
 
 class StableDiffusion(ModelFamily):
-    name = "sd"
     pipeline_class = StableDiffusionPipeline
     text_encoder_classes = {"text_encoder": CLIPTextModel}
     tokenizer_names = {"text_encoder": "tokenizer"}
