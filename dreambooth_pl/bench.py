@@ -147,7 +147,7 @@ def plain_loop_steps_per_s(cfg: DictConfig, steps: int, warmup: int, device: tor
 
 
 def images_per_s(cfg: DictConfig, sampler: dict, count: int, device: torch.device, dtype: str | None) -> float:
-    pipe = load_pipeline(resolve_path(cfg.model.pretrained), str(device), dtype)
+    pipe = load_pipeline(resolve_path(cfg.model.pretrained), str(device), dtype, vae=cfg.model.vae)
     settings = SamplerSettings(**sampler)
     list(render(pipe, ["a teapot"] * settings.batch_size, range(settings.batch_size), settings))  # warm-up
     _sync(device)

@@ -39,8 +39,10 @@ class ClassImageCache:
         variant: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        vae: str | None = None,
     ):
         self.cache_dir = Path(cache_dir)
+        self.vae = vae
         self.pretrained = pretrained
         self.revision = revision
         self.variant = variant
@@ -63,6 +65,8 @@ class ClassImageCache:
             "prompt": prompt,
             "seed": self.seed,
             **settings,
+            # a separate VAE decodes the pixels (keyed only when set: existing caches keep their folders)
+            **({"vae": self.vae, "vae_fingerprint": model_fingerprint(self.vae)} if self.vae else {}),
         }
 
     def folder(self, prompt: str) -> Path:
@@ -106,7 +110,7 @@ class ClassImageCache:
             if _temp_file_index(stale) % world_size == rank:
                 stale.unlink(missing_ok=True)
         paths = self.paths(prompt, num_images)
-        with loaded_pipeline(self.pretrained, self.device, self.dtype, self.revision, self.variant) as pipe:
+        with loaded_pipeline(self.pretrained, self.device, self.dtype, self.revision, self.variant, self.vae) as pipe:
             for position, image in render(
                 pipe, [prompt] * len(todo), [self.seed + i for i in todo], self.sampler, desc="class images"
             ):

@@ -117,22 +117,24 @@ class DreamBoothDataset(Dataset):
         index, seed = key
         rng = random.Random(seed)
         instance = index % len(self.instance_images)
-        pixels, view = self.transform.view(self.instance_images[instance], rng)
-        item = {
-            "instance_pixels": pixels,
-            "instance_key": self._cache_key("instance", instance, view),
-        }
+        item = self._view_item("instance", instance, self.instance_images[instance], rng)
         if self.class_paths:
             path = self.class_paths[index % len(self.class_paths)]
-            pixels, view = self.transform.view(load_rgb(path), rng)
-            item |= {
-                "class_pixels": pixels,
-                "class_prompt": self.class_prompt,
-                "class_key": self._cache_key("class", path.name, view),
-            }
+            item |= self._view_item("class", path.name, load_rgb(path), rng)
+            item["class_prompt"] = self.class_prompt
         prompts = self.instance_prompts
         item["instance_prompt"] = prompts[0] if len(prompts) == 1 else rng.choice(prompts)
         return item
+
+    def _view_item(self, kind: str, name, image: Image.Image, rng: random.Random) -> dict:
+        """Pixels, latent-cache key and the image's own size and crop (SDXL's time ids), for any family."""
+        view = self.transform.view(image, rng)
+        return {
+            f"{kind}_pixels": view.pixels,
+            f"{kind}_key": self._cache_key(kind, name, view.name),
+            f"{kind}_original_size": view.original_size,
+            f"{kind}_crop_top_left": view.crop_top_left,
+        }
 
     def _cache_key(self, kind: str, name, view: str) -> str | None:
         """Names one image view for the latent cache; None (never cached) when views are unbounded."""
@@ -145,12 +147,16 @@ def collate(items: list[dict]) -> dict:
     pixels = [item[f"{half}_pixels"] for half in halves for item in items]
     is_prior = torch.zeros(len(pixels), dtype=torch.bool)
     is_prior[len(items) :] = True
-    return {
+    batch = {
         "pixel_values": torch.stack(pixels),
         "prompts": [item[f"{half}_prompt"] for half in halves for item in items],
         "cache_keys": [item.get(f"{half}_key") for half in halves for item in items],
         "is_prior": is_prior,
     }
+    if "instance_original_size" in items[0]:  # (batch, 2) each: (height, width) and (top, left)
+        for field, name in (("original_size", "original_sizes"), ("crop_top_left", "crops_top_left")):
+            batch[name] = torch.tensor([item[f"{half}_{field}"] for half in halves for item in items])
+    return batch
 
 
 class DreamBoothDataModule(L.LightningDataModule):

@@ -8,6 +8,7 @@ import os
 import random
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -114,6 +115,15 @@ def image_grid(images: list[Image.Image], cols: int | None = None, row_labels: l
     return grid
 
 
+class ImageView(NamedTuple):
+    """One training view of an image, with the geometry SDXL-style micro-conditioning needs."""
+
+    pixels: torch.Tensor
+    name: str  # the crop box and flip, for the latent cache
+    original_size: tuple[int, int]  # (height, width) of the image before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image as seen (mirrored if flipped)
+
+
 class ImageTransform:
     """Resize the short side, crop to a square and scale to [-1, 1] as the VAE expects.
 
@@ -141,9 +151,10 @@ class ImageTransform:
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         return self.view(image, rng)[0]
 
-    def view(self, image: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, str]:
-        """The tensor and a name for the view (crop box, flip) that produced it."""
+    def view(self, image: Image.Image, rng: random.Random | None = None) -> ImageView:
+        """The tensor, a name for the view (crop box, flip) that produced it, and its geometry."""
         rng = rng or random
+        original_size = (image.height, image.width)
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         image = image.resize(size, self.resize_filter)
@@ -156,4 +167,6 @@ class ImageTransform:
         if flip:
             image = ImageOps.mirror(image)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), f"{left},{top},{int(flip)}"
+        pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        seen_left = size[0] - self.resolution - left if flip else left
+        return ImageView(pixels, f"{left},{top},{int(flip)}", original_size, (top, seen_left))

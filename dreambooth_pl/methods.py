@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dreambooth_pl.export import TEXTUAL_INVERSION_WEIGHTS, save_pipeline_atomically, write_dir_atomically
+from dreambooth_pl.export import save_pipeline_atomically, write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,6 @@ class FineTuneMethod:
     """Full fine-tuning of the UNet (and optionally the text encoder): the paper's DreamBooth."""
 
     export_dirname = "pipeline"
-    full_precision_models: tuple[str, ...] = ()  # kept whole in fp32 under half-precision training
 
     def __init__(self, name: str = "dreambooth", train_text_encoder: bool = False):
         self.name = name
@@ -33,10 +32,15 @@ class FineTuneMethod:
         """The string that stands for the subject in prompts."""
         return identifier
 
+    def keeps_full_precision(self, model_name: str, text_encoder_names: list[str]) -> bool:
+        """Whether a model of the module stays whole in fp32 under half-precision training."""
+        return False
+
     def attach(self, module) -> None:
         """Mark what trains; everything starts frozen."""
         module.unet.requires_grad_(True)
-        module.text_encoder.requires_grad_(self.train_text_encoder)
+        for encoder in module.text_encoders.values():
+            encoder.requires_grad_(self.train_text_encoder)
 
     def after_optimizer_step(self, module) -> None:
         """Hook for methods that constrain their parameters after each update."""
@@ -48,11 +52,17 @@ class FineTuneMethod:
         from dreambooth_pl.models import load_pipeline
 
         base = module.hparams
-        pipe = load_pipeline(base.pretrained, "cpu", revision=base.revision, variant=base.variant)
-        learned = ["unet", "text_encoder"] if self.train_text_encoder else ["unet"]
+        pipe = load_pipeline(base.pretrained, "cpu", revision=base.revision, variant=base.variant, vae=base.vae)
+        learned = ["unet", *module.text_encoder_names] if self.train_text_encoder else ["unet"]
         for name in learned:
             getattr(pipe, name).load_state_dict(getattr(module, name).state_dict())
         return save_pipeline_atomically(pipe, output_dir / self.export_dirname, run_info)
+
+
+def with_base_vae(run_info: dict, module) -> dict:
+    """Adapter and embedding exports load on top of the base model: they name its separate VAE, if any."""
+    vae = module.hparams.get("vae")
+    return {**run_info, "base_vae": vae} if vae else run_info
 
 
 class LoRA(FineTuneMethod):
@@ -96,10 +106,10 @@ class LoRA(FineTuneMethod):
             # peft directly: transformers' own adapter integration may want a newer peft than is installed.
             from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(self._config(self.text_encoder_target_modules), module.text_encoder)
+            for encoder in module.text_encoders.values():
+                inject_adapter_in_model(self._config(self.text_encoder_target_modules), encoder)
 
     def export(self, module, output_dir: Path, run_info: dict) -> Path:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -113,16 +123,15 @@ class LoRA(FineTuneMethod):
                 for k, v in convert_state_dict_to_diffusers(state).items()
             }
 
-        text_layers = lora_state(module.text_encoder) if self.train_text_encoder else None
+        text_layers = (
+            {name: lora_state(encoder) for name, encoder in module.text_encoders.items()}
+            if self.train_text_encoder
+            else {}
+        )
         target = write_dir_atomically(
             output_dir / self.export_dirname,
-            lambda staging: StableDiffusionPipeline.save_lora_weights(
-                staging,
-                unet_lora_layers=lora_state(module.unet),
-                text_encoder_lora_layers=text_layers,
-                safe_serialization=True,
-            ),
-            run_info,
+            lambda staging: module.family.save_lora_weights(staging, lora_state(module.unet), text_layers),
+            with_base_vae(run_info, module),
         )
         if self.export_merged:
             from dreambooth_pl.models import load_pipeline
@@ -135,20 +144,23 @@ class LoRA(FineTuneMethod):
 
 
 class TextualInversion(FineTuneMethod):
-    """The paper's baseline (Gal et al. 2022): learn one new token embedding, nothing else."""
+    """The paper's baseline (Gal et al. 2022): learn one new token embedding, nothing else (one per text
+    encoder where the model has several: SDXL)."""
 
     export_dirname = "textual_inversion"
-    # The learned embedding feeds every text-encoder layer: fp32 rows into bf16 layer norms fail on a CPU,
-    # and the diffusers example keeps the (small) text encoder in fp32 for the same reason.
-    full_precision_models = ("text_encoder",)
 
     def __init__(self, name: str = "textual_inversion", placeholder: str = "<{identifier}>", initializer: str = ""):
         super().__init__(name, train_text_encoder=False)
         self.placeholder_format = placeholder
         self.initializer = initializer
         self.placeholder: str | None = None
-        self.token_id: int | None = None
-        self.original_embeddings: torch.Tensor | None = None
+        self.token_ids: dict[str, int] = {}  # per text encoder (pipeline name)
+        self.original_embeddings: dict[str, torch.Tensor] = {}
+
+    def keeps_full_precision(self, model_name: str, text_encoder_names: list[str]) -> bool:
+        """The learned embedding feeds every text-encoder layer: fp32 rows into bf16 layer norms fail on a
+        CPU, and the diffusers example keeps the (small) text encoders in fp32 for the same reason."""
+        return model_name in text_encoder_names
 
     def prompt_token(self, identifier: str) -> str:
         self.placeholder = self.placeholder_format.format(identifier=identifier)
@@ -157,32 +169,44 @@ class TextualInversion(FineTuneMethod):
     def attach(self, module) -> None:
         if self.placeholder is None:
             raise RuntimeError("TextualInversion.prompt_token must be called before the module is built")
-        tokenizer, text_encoder = module.tokenizer, module.text_encoder
-        if tokenizer.add_tokens(self.placeholder) != 1:
-            raise ValueError(f"method.placeholder: {self.placeholder!r} is already a token; choose another.")
-        init_ids = tokenizer(self.initializer, add_special_tokens=False).input_ids
-        if not init_ids:
-            raise ValueError("method.initializer (the class noun by default) is empty: it seeds the new embedding.")
-        text_encoder.resize_token_embeddings(len(tokenizer))
-        self.token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
-        embeddings = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            embeddings[self.token_id] = embeddings[init_ids].mean(dim=0)
-        self.original_embeddings = embeddings.detach().clone()
-        embeddings.requires_grad_(True)
+        for name, text_encoder in module.text_encoders.items():
+            tokenizer = module.tokenizers[module.family.tokenizer_names[name]]
+            if tokenizer.add_tokens(self.placeholder) != 1:
+                raise ValueError(f"method.placeholder: {self.placeholder!r} is already a token; choose another.")
+            init_ids = tokenizer(self.initializer, add_special_tokens=False).input_ids
+            if not init_ids:
+                raise ValueError("method.initializer (the class noun by default) is empty: it seeds the new embedding.")
+            text_encoder.resize_token_embeddings(len(tokenizer))
+            token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
+            embeddings = text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                embeddings[token_id] = embeddings[init_ids].mean(dim=0)
+            self.token_ids[name] = token_id
+            self.original_embeddings[name] = embeddings.detach().clone()
+            embeddings.requires_grad_(True)
 
     def after_optimizer_step(self, module) -> None:
         """Put every other row back: weight decay and momentum must not touch the vocabulary."""
-        embeddings = module.text_encoder.get_input_embeddings().weight
-        keep = torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device)
-        keep[self.token_id] = False
-        with torch.no_grad():
-            embeddings[keep] = self.original_embeddings.to(embeddings)[keep]
+        for name, text_encoder in module.text_encoders.items():
+            embeddings = text_encoder.get_input_embeddings().weight
+            keep = torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device)
+            keep[self.token_ids[name]] = False
+            with torch.no_grad():
+                embeddings[keep] = self.original_embeddings[name].to(embeddings)[keep]
 
     def export(self, module, output_dir: Path, run_info: dict) -> Path:
-        vector = module.text_encoder.get_input_embeddings().weight[self.token_id].detach().float().cpu()
+        vectors = {
+            name: encoder.get_input_embeddings().weight[self.token_ids[name]].detach().float().cpu().clone()
+            for name, encoder in module.text_encoders.items()
+        }
+        files = module.family.textual_inversion_files(self.placeholder, vectors)
+
+        def write(staging: Path) -> None:
+            for filename, tensors in files.items():
+                save_file(tensors, staging / filename)
+
         return write_dir_atomically(
             output_dir / self.export_dirname,
-            lambda staging: save_file({self.placeholder: vector.clone()}, staging / TEXTUAL_INVERSION_WEIGHTS),
-            {**run_info, "placeholder": self.placeholder},
+            write,
+            {**with_base_vae(run_info, module), "placeholder": self.placeholder},
         )

@@ -12,21 +12,14 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import diffusers
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from filelock import FileLock
 from omegaconf import OmegaConf
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.export import (
@@ -35,6 +28,7 @@ from dreambooth_pl.export import (
     read_run_info,
     save_pipeline_atomically,
 )
+from dreambooth_pl.families import Components, family_of_pipeline, get_family
 from dreambooth_pl.network import server_reachable
 from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
 
@@ -56,15 +50,6 @@ INDEX_FILES = ("model_index.json", "config.json")  # a pipeline's, a single mode
 
 class ModelNotReachable(ConfigError):
     """The configured weights are neither a local diffusers folder nor downloadable."""
-
-
-@dataclass
-class Components:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
 
 
 def check_pretrained(pretrained: str) -> None:
@@ -139,31 +124,32 @@ def require_reachable(model_id: str, option: str, revision: str | None = None, t
     raise ModelNotReachable(f"{option}={model_id!r} {problem}. {download_hint(option, model_id)}")
 
 
-def _from_pretrained(cls, pretrained: str, subfolder: str, **kwargs):
+def from_pretrained_or_explain(cls, pretrained: str, subfolder: str | None, load: str = "from_pretrained", **kwargs):
+    """`cls.from_pretrained` (or another loader of `cls`), with an error that says how to get it offline."""
     try:
-        return cls.from_pretrained(pretrained, subfolder=subfolder, **kwargs)
+        return getattr(cls, load)(pretrained, subfolder=subfolder, **kwargs)
     except OSError as err:
+        option = "model.pretrained" if subfolder else "model.vae"
+        part = f"'{subfolder}' of {option}" if subfolder else option
         raise ModelNotReachable(
-            f"Could not load '{subfolder}' of model.pretrained={pretrained!r}: {err}\n"
-            f"{download_hint('model.pretrained', pretrained)} Or use model=tiny, which needs no download."
+            f"Could not load {part}={pretrained!r}: {err}\n"
+            f"{download_hint(option, pretrained)} Or use model=tiny, which needs no download."
         ) from err
 
 
-def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenizer:
+def load_tokenizer(pretrained: str, revision: str | None = None, subfolder: str = "tokenizer") -> CLIPTokenizer:
     check_pretrained(pretrained)
-    return _from_pretrained(CLIPTokenizer, pretrained, "tokenizer", revision=revision)
+    return from_pretrained_or_explain(CLIPTokenizer, pretrained, subfolder, revision=revision)
 
 
-def load_components(pretrained: str, revision: str | None = None, variant: str | None = None) -> Components:
-    check_pretrained(pretrained)
-    weights = {"revision": revision, "variant": variant}
-    return Components(
-        unet=_from_pretrained(UNet2DConditionModel, pretrained, "unet", **weights),
-        vae=_from_pretrained(AutoencoderKL, pretrained, "vae", **weights),
-        text_encoder=_from_pretrained(CLIPTextModel, pretrained, "text_encoder", **weights),
-        tokenizer=load_tokenizer(pretrained, revision),
-        noise_scheduler=_from_pretrained(DDPMScheduler, pretrained, "scheduler", revision=revision),
-    )
+def load_components(
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    family: str = "sd",
+    vae: str | None = None,
+) -> Components:
+    return get_family(family).load_components(pretrained, revision, variant, vae)
 
 
 def load_pipeline(
@@ -172,27 +158,31 @@ def load_pipeline(
     dtype: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
-) -> StableDiffusionPipeline:
-    """A whole pipeline for inference; dtype is a torch dtype name such as "float16".
+    vae: str | None = None,
+) -> DiffusionPipeline:
+    """A whole pipeline for inference; dtype is a torch dtype name such as "float16"; `vae` a separate VAE.
 
-    `pretrained` may also be a LoRA or Textual Inversion export: its dreambooth.json names the base model.
+    `pretrained` may also be a LoRA or Textual Inversion export: its dreambooth.json names the base model
+    (and the separate VAE it was trained with, if any).
     """
     folder = Path(pretrained)
-    for weights, attach in ((LORA_WEIGHTS, "load_lora_weights"), (TEXTUAL_INVERSION_WEIGHTS, "load_textual_inversion")):
-        if (folder / weights).exists():
-            pipe = load_pipeline(read_run_info(folder)["base_model"], device, dtype, revision, variant)
-            getattr(pipe, attach)(str(folder), weight_name=weights)
-            return pipe
+    if (folder / LORA_WEIGHTS).exists() or (folder / TEXTUAL_INVERSION_WEIGHTS).exists():
+        info = read_run_info(folder)
+        pipe = load_pipeline(info["base_model"], device, dtype, revision, variant, info.get("base_vae"))
+        if (folder / LORA_WEIGHTS).exists():
+            pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+        else:
+            family_of_pipeline(type(pipe).__name__).load_textual_inversion(pipe, folder)
+        return pipe
     check_pretrained(pretrained)
     extra = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
-    pipe = StableDiffusionPipeline.from_pretrained(
-        pretrained,
-        revision=revision,
-        variant=variant,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **extra,
+    if vae:
+        extra["vae"] = from_pretrained_or_explain(AutoencoderKL, vae, None, **extra)
+    # model_index.json names the pipeline class, and so the family (exports carry no config)
+    index = from_pretrained_or_explain(DiffusionPipeline, pretrained, None, revision=revision, load="load_config")
+    family = family_of_pipeline(index["_class_name"])
+    pipe = family.pipeline_class.from_pretrained(
+        pretrained, revision=revision, variant=variant, **family.pipeline_kwargs, **extra
     )
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -204,9 +194,10 @@ def loaded_pipeline(
     dtype: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
-) -> Iterator[StableDiffusionPipeline]:
+    vae: str | None = None,
+) -> Iterator[DiffusionPipeline]:
     """A pipeline for one block of generation; its memory (GPU included) is released afterwards."""
-    pipe = load_pipeline(pretrained, device, dtype, revision, variant)
+    pipe = load_pipeline(pretrained, device, dtype, revision, variant, vae)
     try:
         yield pipe
     finally:
@@ -214,19 +205,6 @@ def loaded_pipeline(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def assemble_pipeline(components: Components, **overrides: Any) -> StableDiffusionPipeline:
-    """A pipeline sharing the given modules (no copies), without a safety checker."""
-    parts = {
-        "unet": components.unet,
-        "vae": components.vae,
-        "text_encoder": components.text_encoder,
-        "tokenizer": components.tokenizer,
-        "scheduler": components.noise_scheduler,
-        **overrides,
-    }
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _tokenizer_from_config(words: list[str], clip_bpe: str | None, model_max_length: int) -> CLIPTokenizer:
@@ -238,22 +216,25 @@ def build_random_pipeline(
     cache_dir: str,
     seed: int,
     tokenizer: dict,
-    text_encoder: dict,
+    text_encoders: dict[str, dict],
     unet: dict,
     vae: dict,
     scheduler: dict,
     scheduler_class: str = "DDPMScheduler",
+    family: str = "sd",
 ) -> str:
-    """Build an SD-architecture pipeline with random weights, once per config, and return its folder.
+    """Build a pipeline of the family's architecture with random weights, once per config; return its folder.
 
-    The folder name hashes the whole config, so any change gives a new model and class images
-    cached under the old one are never reused by mistake. `scheduler_class` is the inference scheduler
-    saved with it (Stable Diffusion 1.x ships PNDM); training reads the same schedule as DDPM.
+    `text_encoders` maps each of the family's text encoders (pipeline name) to its CLIP config; every
+    tokenizer gets the same vocabulary. The folder name hashes the whole config, so any change gives a new
+    model and class images cached under the old one are never reused by mistake. `scheduler_class` is the
+    inference scheduler saved with it (Stable Diffusion 1.x ships PNDM); training reads the schedule as DDPM.
     """
     spec = {
+        "family": family,
         "seed": seed,
         "tokenizer": tokenizer,
-        "text_encoder": text_encoder,
+        "text_encoders": text_encoders,
         "unet": unet,
         "vae": vae,
         "scheduler": scheduler,
@@ -261,7 +242,7 @@ def build_random_pipeline(
     }
     spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    target = Path(cache_dir) / f"random-sd-{digest}"
+    target = Path(cache_dir) / f"random-{family}-{digest}"
     if (target / "model_index.json").exists():
         return str(target)
 
@@ -271,26 +252,33 @@ def build_random_pipeline(
         if (target / "model_index.json").exists():
             return str(target)
         log.info("Building a random-weight pipeline in %s", target)
+        model_family = get_family(family)
+        if set(spec["text_encoders"]) != set(model_family.text_encoder_names):
+            raise ValueError(
+                f"model.pretrained.text_encoders: family {family!r} has {', '.join(model_family.text_encoder_names)}"
+            )
         tok = _tokenizer_from_config(**spec["tokenizer"])
+        special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            text_model = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(tok),
-                    bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                    max_position_embeddings=tok.model_max_length,
-                    **spec["text_encoder"],
+            text_encoders = {
+                name: cls(
+                    CLIPTextConfig(
+                        vocab_size=len(tok),
+                        max_position_embeddings=tok.model_max_length,
+                        **special,
+                        **spec["text_encoders"][name],
+                    )
                 )
-            )
+                for name, cls in model_family.text_encoder_classes.items()
+            }
             components = Components(
                 unet=UNet2DConditionModel(**spec["unet"]),
                 vae=AutoencoderKL(**spec["vae"]),
-                text_encoder=text_model,
-                tokenizer=tok,
                 noise_scheduler=DDPMScheduler.from_config(spec["scheduler"]),
+                text_encoders=text_encoders,
+                tokenizers={model_family.tokenizer_names[name]: tok for name in text_encoders},
             )
         inference_scheduler = getattr(diffusers, scheduler_class).from_config(spec["scheduler"])
-        save_pipeline_atomically(assemble_pipeline(components, scheduler=inference_scheduler), target)
+        save_pipeline_atomically(model_family.assemble_pipeline(components, scheduler=inference_scheduler), target)
     return str(target)

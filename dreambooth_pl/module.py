@@ -12,12 +12,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from dreambooth_pl.families import Components, PromptEmbeddings, get_family
 from dreambooth_pl.losses import DreamBoothLoss, dreambooth_loss, offset_noise, prediction_target, snr_weights
 from dreambooth_pl.methods import FineTuneMethod
-from dreambooth_pl.models import Components, assemble_pipeline, load_components
 
 log = logging.getLogger(__name__)
 HALF_PRECISIONS = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -42,14 +42,21 @@ class DreamBoothModule(L.LightningModule):
         revision: str | None = None,
         variant: str | None = None,
         seed: int = 0,
+        family: str = "sd",
+        vae: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "method"])
-        parts = load_components(pretrained, revision=revision, variant=variant)
+        self.family = get_family(family)
+        parts = self.family.load_components(pretrained, revision, variant, vae)
         self.unet = parts.unet
         self.vae = parts.vae
-        self.text_encoder = parts.text_encoder
-        self.tokenizer = parts.tokenizer
+        # Text encoders are attributes under their pipeline names (text_encoder, text_encoder_2, ...), so
+        # checkpoint keys and exports use the names the family's pipeline uses.
+        self.text_encoder_names = list(parts.text_encoders)
+        for name, encoder in parts.text_encoders.items():
+            setattr(self, name, encoder)
+        self.tokenizers = parts.tokenizers
         self.noise_scheduler = parts.noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -62,9 +69,9 @@ class DreamBoothModule(L.LightningModule):
         self.cache_latents = cache_latents
         self.cache_text_embeddings = cache_text_embeddings
         self._latent_cache: dict[str, torch.Tensor] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, PromptEmbeddings] = {}
 
-        for model in (self.unet, self.vae, self.text_encoder):
+        for model in (self.unet, self.vae, *self.text_encoders.values()):
             model.requires_grad_(False)
         self.method = method or FineTuneMethod()
         self.method.attach(self)
@@ -75,8 +82,9 @@ class DreamBoothModule(L.LightningModule):
             self.unet.compile()  # in place: parameter names, checkpoints and export are unchanged
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if self.text_encoder_learns:
-                self.text_encoder.gradient_checkpointing_enable()
+            for encoder in self.text_encoders.values():
+                if any(p.requires_grad for p in encoder.parameters()):
+                    encoder.gradient_checkpointing_enable()
         # Only what learns goes into checkpoints (the rest comes from `pretrained`), so load non-strictly.
         self.strict_loading = False
         # Training noise, timesteps and latent samples come from this generator alone; its state travels
@@ -86,8 +94,12 @@ class DreamBoothModule(L.LightningModule):
         self._generator_state: torch.Tensor | None = None
 
     @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self, name) for name in self.text_encoder_names}
+
+    @property
     def text_encoder_learns(self) -> bool:
-        return any(p.requires_grad for p in self.text_encoder.parameters())
+        return any(p.requires_grad for encoder in self.text_encoders.values() for p in encoder.parameters())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -95,13 +107,15 @@ class DreamBoothModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Under half-precision training, frozen weights are stored in the compute dtype to save memory;
         whatever learns (full weights, LoRA adapters) stays in fp32, and so do the models the method keeps
-        whole in fp32. The export reads frozen weights from the base model, never these rounded copies."""
+        whole in fp32, and the VAE where its config says it overflows in half precision (force_upcast: SDXL's).
+        The export reads frozen weights from the base model, never these rounded copies."""
         half = next((d for k, d in HALF_PRECISIONS.items() if str(self.trainer.precision).startswith(k)), None)
         if half is None:
             return
-        for name in ("unet", "vae", "text_encoder"):
+        for name in ("unet", "vae", *self.text_encoder_names):
             model = getattr(self, name)
-            if name in self.method.full_precision_models:
+            upcast_vae = name == "vae" and getattr(model.config, "force_upcast", False)
+            if upcast_vae or self.method.keeps_full_precision(name, self.text_encoder_names):
                 model.float()
                 continue
             for param in model.parameters():
@@ -117,28 +131,22 @@ class DreamBoothModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()
-        self.text_encoder.train(mode and self.text_encoder_learns)
+        for encoder in self.text_encoders.values():
+            encoder.train(mode and self.text_encoder_learns)
         return self
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
         if not self.cache_text_embeddings or self.text_encoder_learns:
-            return self._run_text_encoder(prompts)
+            return self._run_text_encoders(prompts)
         missing = sorted({p for p in prompts if p not in self._text_cache})
         if missing:
             with torch.no_grad():
-                self._text_cache.update(zip(missing, self._run_text_encoder(missing), strict=True))
-        return torch.stack([self._text_cache[p] for p in prompts])
+                self._text_cache.update(zip(missing, self._run_text_encoders(missing).rows(), strict=True))
+        return PromptEmbeddings.stack([self._text_cache[p] for p in prompts])
 
-    def _run_text_encoder(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+    def _run_text_encoders(self, prompts: list[str]) -> PromptEmbeddings:
         with torch.set_grad_enabled(self.text_encoder_learns and torch.is_grad_enabled()):
-            return self.text_encoder(ids)[0]
+            return self.family.encode_prompts(self.tokenizers, self.text_encoders, prompts)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, cache_keys: list[str | None] | None = None) -> torch.Tensor:
@@ -155,7 +163,9 @@ class DreamBoothModule(L.LightningModule):
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
     def _run_vae_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.parameters
+        """In the VAE's own dtype, outside autocast: an fp32 (upcast) VAE must not be cast back to half."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.parameters
 
     def compute_loss(
         self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
@@ -168,8 +178,13 @@ class DreamBoothModule(L.LightningModule):
         if timesteps is None:
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), **draw)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self.encode_prompts(batch["prompts"])
-        pred = self.unet(noisy, timesteps, hidden.to(noisy.dtype)).sample
+        conditioning = self.family.unet_conditioning(
+            self.encode_prompts(batch["prompts"]).to(noisy.dtype),
+            batch.get("original_sizes"),
+            batch.get("crops_top_left"),
+            tuple(batch["pixel_values"].shape[-2:]),
+        )
+        pred = self.unet(noisy, timesteps, **conditioning).sample
         prediction_type = self.noise_scheduler.config.prediction_type
         alphas_cumprod = self.noise_scheduler.alphas_cumprod
         target = prediction_target(prediction_type, alphas_cumprod, latents, noise, timesteps)
@@ -231,7 +246,7 @@ class DreamBoothModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._generator_state = checkpoint.get("noise_generator_state")
 
-    def pipeline(self) -> StableDiffusionPipeline:
+    def pipeline(self) -> DiffusionPipeline:
         """An inference pipeline that shares this module's current weights."""
-        parts = Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler)
-        return assemble_pipeline(parts)
+        parts = Components(self.unet, self.vae, self.noise_scheduler, self.text_encoders, self.tokenizers)
+        return self.family.assemble_pipeline(parts)

@@ -194,7 +194,7 @@ def fake_renderer(monkeypatch):
     """Count pipeline loads and rendered seeds; an image's colour encodes its seed."""
     calls = {"loads": 0, "seeds": [], "resolution": None}
 
-    def load_pipeline(pipeline, device=None, dtype=None, revision=None, variant=None):
+    def load_pipeline(pipeline, device=None, dtype=None, revision=None, variant=None, vae=None):
         calls["loads"] += 1
         return types.SimpleNamespace(unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=4)),
                                      vae_scale_factor=2)  # fmt: skip

@@ -126,7 +126,7 @@ def test_lora_on_the_text_encoder_too(tmp_path, cache_dir):
     loaded = load_pipeline(result["pipeline"], device="cpu")
     merged = load_pipeline(str(tmp_path / "pipeline"), device="cpu")  # export_merged: a plain pipeline
     base = load_components(result["base"])
-    trained_text, trained_unet = text_output(module), unet_output(module.unet)
+    trained_text, trained_unet = text_output(module.pipeline()), unet_output(module.unet)
     assert (trained_text - text_output(base)).abs().max() > 1e-3  # the text adapters matter
     for pipe in (loaded, merged):
         assert (text_output(pipe) - trained_text).abs().max() < 1e-4
@@ -142,7 +142,7 @@ def test_textual_inversion_learns_one_embedding_row(tmp_path, cache_dir):
     assert result["module"].trainer.accumulate_grad_batches == 4
     base = load_components(result["base"])
     module = result["module"]
-    token_id = module.tokenizer.convert_tokens_to_ids("<sks>")
+    token_id = module.tokenizers["tokenizer"].convert_tokens_to_ids("<sks>")
     assert token_id == len(base.tokenizer)  # a new token at the end of the vocabulary
     init = (
         base.text_encoder.get_input_embeddings()
