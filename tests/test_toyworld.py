@@ -116,6 +116,8 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
             "probe.colours_per_pair=1",
             "probe.images_per_prompt=1",
             "probe.sampler.num_inference_steps=2",
+            "probe.classifier.steps=25",
+            "probe.classifier.batch_size=16",
         ]
     )
     results = build(cfg)
@@ -143,8 +145,10 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
     probe = results["probe"]
     assert probe["images"] == len(scenes.held_out_pairs())
     assert (out / "probe" / "grid.png").is_file()
-    for name in ("generated", "rendered"):
-        assert set(probe[name]) == {"class", "context", "colour"}
+    for reader in ("clip", "attribute_probe"):
+        for name in ("generated", "rendered"):
+            assert set(probe[f"{reader}/{name}"]) == {"class", "context", "colour"}
+    assert probe["probe_loss"][1] < probe["probe_loss"][0]
 
 
 def test_unknown_stage_is_rejected_before_work(tmp_path):

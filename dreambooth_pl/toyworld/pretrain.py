@@ -8,7 +8,8 @@ Stages (each reads what earlier stages saved under `out_dir`, so a crash loses o
   dino      ViTModel, InfoNCE between views of one instance     -> out_dir/dino
   unet      UNet2DConditionModel, epsilon loss, caption dropout -> out_dir/pipeline (complete)
   subjects  the toy subjects' photos and prompts_and_classes.txt -> out_dir/dataset
-  probe     held-out class x context x colour prompts, read back by the toy CLIP -> out_dir/probe
+  probe     held-out class x context x colour prompts, read back by the toy CLIP and by an attribute
+            classifier trained on rendered images                       -> out_dir/probe
 """
 
 from __future__ import annotations
@@ -329,10 +330,64 @@ def train_unet(data: WorldData, cfg: DictConfig, scheduler_cfg: DictConfig, out:
     return losses
 
 
-def probe(cfg: DictConfig, out: Path, seed: int) -> dict:
+class AttributeProbe(torch.nn.Module):
+    """A small CNN trained on rendered images to name class, context and colour: the renderer's known
+    attributes, read back from generated images. Trained with blur, since generated images are blurrier."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        widths = [3, width, 2 * width, 4 * width, 4 * width]
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [torch.nn.Conv2d(a, b, 3, stride=2, padding=1), torch.nn.GroupNorm(8, b), torch.nn.SiLU()]
+        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        sizes = (len(scenes.CLASSES), len(scenes.CONTEXTS), len(scenes.COLOURS))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(widths[-1], n) for n in sizes)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.body(x)
+        return [head(features) for head in self.heads]
+
+    @torch.no_grad()
+    def read(self, images) -> list[tuple[str, str, str]]:
+        pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+        logits = self(pixels.float() / 127.5 - 1.0)
+        cls, ctx, col = (lg.argmax(-1).tolist() for lg in logits)
+        names = list(scenes.COLOURS)
+        return [(scenes.CLASSES[a], scenes.CONTEXTS[b], names[c]) for a, b, c in zip(cls, ctx, col)]
+
+
+def train_attribute_probe(data: WorldData, cfg: DictConfig, seed: int) -> tuple[AttributeProbe, list[float]]:
+    torch.manual_seed(seed)
+    model = AttributeProbe(cfg.width)
+    rng = np.random.default_rng(seed)
+    labels = [torch.from_numpy(a).long() for a in (data.cls, data.context, data.colour)]
+
+    def loss_fn(index):
+        x = data.pixels(index)
+        blur = torch.from_numpy(rng.random(len(index)) < 0.5)
+        x[blur] = F.interpolate(F.avg_pool2d(x[blur], 2), scale_factor=2, mode="bilinear")
+        logits = model(x)
+        # the colour is known only where the caption names it (-1 elsewhere)
+        return sum(F.cross_entropy(lg, lb[index], ignore_index=-1) for lg, lb in zip(logits, labels))
+
+    losses = _train(
+        "attribute probe",
+        model,
+        loss_fn,
+        _batches(rng, len(data.captions), cfg.batch_size, cfg.steps),
+        cfg.steps,
+        cfg.lr,
+        cfg.warmup,
+    )
+    return model, losses
+
+
+def probe(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> dict:
     """Does the base model follow text it never saw as a whole? Generate each held-out (class, context)
-    pair in a few colours and read class, context and colour back with the toy CLIP, beside the same
-    reading of the renderer's own images of those prompts (the reader's ceiling)."""
+    pair in a few colours and read class, context and colour back, with the toy CLIP (zero-shot) and with
+    an attribute probe trained on rendered images, beside the same readings of the renderer's own images
+    of those prompts (each reader's ceiling)."""
     rng = np.random.default_rng(seed)
     colours = list(scenes.COLOURS)
     prompts, truth = [], []
@@ -345,30 +400,28 @@ def probe(cfg: DictConfig, out: Path, seed: int) -> dict:
     settings = SamplerSettings(**cfg.sampler)
     with torch.no_grad():
         pipe = load_pipeline(str(out / "pipeline"), device="cpu")
-        generated = [
-            image
-            for _, image in render(
-                pipe, prompts_rep, [seed + i for i in range(len(prompts_rep))], settings, desc="probe"
-            )
-        ]
+        seeds = [seed + i for i in range(len(prompts_rep))]
+        generated = [image for _, image in render(pipe, prompts_rep, seeds, settings, desc="probe")]
         del pipe
-        rendered = []
-        for cls, context, colour in truth_rep:
-            inst = scenes.sample_instance(rng, cls).recoloured(colour)
-            rendered.append(scenes.render(inst, scenes.sample_view(rng, context), settings.resolution))
-        reader = CaptionReader(out / "clip")
-        result = {
-            "prompts": len(prompts),
-            "images": len(prompts_rep),
-            "chance": {
-                "class": 1 / len(scenes.CLASSES),
-                "context": 1 / (len(scenes.CONTEXTS) - 1),
-                "colour": 1 / len(colours),
-            },
-        }
+    rendered = []
+    for cls, context, colour in truth_rep:
+        inst = scenes.sample_instance(rng, cls).recoloured(colour)
+        rendered.append(scenes.render(inst, scenes.sample_view(rng, context), settings.resolution))
+    attribute_probe, losses = train_attribute_probe(data, cfg.classifier, seed)
+    result = {
+        "prompts": len(prompts),
+        "images": len(prompts_rep),
+        "chance": {
+            "class": 1 / len(scenes.CLASSES),
+            "context": 1 / (len(scenes.CONTEXTS) - 1),
+            "colour": 1 / len(colours),
+        },
+        "probe_loss": [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))],
+    }
+    for reader_name, reader in (("clip", CaptionReader(out / "clip")), ("attribute_probe", attribute_probe)):
         for name, images in (("generated", generated), ("rendered", rendered)):
             read = reader.read(images)
-            result[name] = {
+            result[f"{reader_name}/{name}"] = {
                 attr: float(np.mean([r[k] == t[k] for r, t in zip(read, truth_rep)]))
                 for k, attr in enumerate(("class", "context", "colour"))
             }
@@ -445,7 +498,7 @@ def build(cfg: DictConfig) -> dict:
         elif stage == "subjects":
             write_subjects(cfg.subjects, out / "dataset", cfg.data.size)
         elif stage == "probe":
-            results["probe"] = probe(cfg.probe, out, cfg.seed)
+            results["probe"] = probe(world(), cfg.probe, out, cfg.seed)
         elapsed = time.perf_counter() - start
         losses = results.get(stage)
         detail = ""
