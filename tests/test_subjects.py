@@ -31,7 +31,7 @@ needs_dataset = pytest.mark.skipif(
 
 
 def dataset_subject_files() -> list[Path]:
-    return sorted(p for p in SUBJECT_DIR.glob("*.yaml") if p.stem not in SPECIAL)
+    return sorted(p for p in SUBJECT_DIR.glob("*.yaml") if p.stem not in SPECIAL and not p.stem.startswith("toy_"))
 
 
 def read_class_table() -> dict[str, str]:
@@ -91,7 +91,10 @@ def test_instance_dir_resolves_to_folder_with_images(path):
     assert len(image_files(folder)) >= 1
 
 
-@pytest.mark.parametrize("path", dataset_subject_files() + [SUBJECT_DIR / "demo.yaml"], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", dataset_subject_files() + sorted(SUBJECT_DIR.glob("toy_*.yaml")) + [SUBJECT_DIR / "demo.yaml"],
+    ids=lambda p: p.stem,
+)
 def test_wrong_class_noun_rule(path):
     cfg = OmegaConf.load(path)
     live = cfg.class_noun in ("cat", "dog")
@@ -181,7 +184,6 @@ def test_second_call_renders_nothing(tmp_path, monkeypatch):
         raise AssertionError("rendered again")
 
     monkeypatch.setattr(demo_subject, "_render_view", boom)
-    monkeypatch.setattr(demo_subject, "_teapot_sprite", boom)
     assert render_demo_subject(tmp_path / "r", num_images=3, size=64) == out
     assert {p: p.stat().st_mtime_ns for p in image_files(out)} == mtimes
 
