@@ -32,8 +32,9 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTModel
 
 from dreambooth_pl.export import save_pipeline_atomically, write_dir_atomically
+from dreambooth_pl.families import Components, get_family
 from dreambooth_pl.images import image_grid, save_atomically
-from dreambooth_pl.models import Components, assemble_pipeline, load_pipeline
+from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.subjects import write_subjects
@@ -325,7 +326,8 @@ def train_unet(data: WorldData, cfg: DictConfig, scheduler_cfg: DictConfig, out:
         cfg.lr,
         cfg.warmup,
     )
-    pipe = assemble_pipeline(Components(unet, vae, text_encoder, tok, noise_scheduler))
+    parts = Components(unet, vae, noise_scheduler, {"text_encoder": text_encoder}, {"tokenizer": tok})
+    pipe = get_family("sd").assemble_pipeline(parts)
     save_pipeline_atomically(pipe, pipe_dir)
     return losses
 
