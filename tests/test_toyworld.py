@@ -12,16 +12,21 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
+from dreambooth_pl.config_utils import resolve_path
 from dreambooth_pl.dreambench import read_class_table, read_prompt_lists
+from dreambooth_pl.images import load_rgb
 from dreambooth_pl.models import load_components
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
 from dreambooth_pl.toyworld.subjects import subject_instance
+from dreambooth_pl.training import train
 from tests.conftest import REPO, compose_train
+from tests.test_training import fixed_probe
 
 TOYWORLD = REPO / "toyworld"
 
@@ -231,3 +236,22 @@ def test_train_py_with_the_toy_model_and_a_toy_subject(tmp_path):
     samples = sorted((run_dir / "final_samples").glob("p*.png"))  # one image per validation prompt
     assert len(samples) == 4 and all(Image.open(p).size == (64, 64) for p in samples)  # the toy resolution
     assert (run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_prior_preservation_keeps_the_class_prior(tmp_path):
+    """The paper's language drift, measured: after DreamBooth on toy_teapot with the toy recipe, the model's
+    loss on held-out images of the frozen model's own "a teapot" (seeds no run trained on, fixed noise)
+    rises without prior preservation and stays at the base model's with it."""
+    toy = ["model=toy", "subject=toy_teapot", "logger=none", f"paths.toyworld_dir={TOYWORLD}"]
+    quiet = ["export.samples.prompts=[]", "callbacks.samples.every_n_steps=0"]
+    runs = {}
+    for weight in (0.0, 1.0):
+        cfg = compose_train([*toy, *quiet, f"prior.weight={weight}"], tmp_path / str(weight), tmp_path / "cache")
+        runs[weight] = train(cfg)["pipeline"]
+    base = resolve_path(cfg.model.pretrained)
+    cache, seen = instantiate(cfg.prior.cache, pretrained=base), cfg.prior.num_images
+    cache.ensure("a teapot", seen + 16)
+    heldout = [load_rgb(p) for p in cache.paths("a teapot", seen + 16)[seen:]]
+    loss = {name: fixed_probe(model, "a teapot", heldout) for name, model in [("base", base), *runs.items()]}
+    print(f"held-out class-image loss: base {loss['base']:.4f}, lambda=0 {loss[0.0]:.4f}, lambda=1 {loss[1.0]:.4f}")
+    assert loss[1.0] < 0.8 * loss[0.0]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from hydra.utils import instantiate
 
 from dreambooth_pl.config_utils import resolve_path
 from dreambooth_pl.data import collate
@@ -104,48 +103,18 @@ def fixed_probe(pretrained: str, prompt: str, images: list) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
-    """Two 250-step runs on the teapot, without and with prior preservation."""
-    runs = {}
-    for weight in (0.0, 1.0):
-        out = tmp_path_factory.mktemp(f"prior{weight}")
-        cfg = compose_train(
-            [
-                *FAST,
-                "trainer.max_steps=250",
-                f"prior.weight={weight}",
-                "prior.num_images=8",
-                "export.samples.prompts=[]",
-            ],
-            out,
-            cache_dir,
-        )
-        runs[weight] = train(cfg)
-    base = resolve_path(cfg.model.pretrained)
-    return {"base": base, "class_images": instantiate(cfg.prior.cache, pretrained=base), **runs}
+    """A 250-step run on the teapot (prior preservation is tested on the toy world's pretrained model)."""
+    cfg = compose_train([*FAST, "trainer.max_steps=250", "prior.num_images=8", "export.samples.prompts=[]"],
+                        tmp_path_factory.mktemp("trained"), cache_dir)  # fmt: skip
+    return {"base": resolve_path(cfg.model.pretrained), **train(cfg)}
 
 
 def test_training_lowers_the_instance_loss(trained):
     images = [load_rgb(p) for p in list_images(TEAPOT)]
     before = fixed_probe(trained["base"], "a sks teapot", images)
-    after = fixed_probe(trained[1.0]["pipeline"], "a sks teapot", images)
+    after = fixed_probe(trained["pipeline"], "a sks teapot", images)
     print(f"instance loss on fixed noise: {before:.4f} -> {after:.4f}")
     assert after < 0.7 * before
-
-
-def test_prior_preservation_keeps_the_class_prior(trained):
-    """Prior preservation keeps "a teapot" fitting the frozen model's own teapots, not only the subject.
-
-    Measured on held-out class images (seeds not used in training) under the class prompt, fixed noise.
-    A random-weight base has no meaningful predictions to stay close to, so the reference is the frozen
-    model's class distribution itself, which is what the prior loss preserves.
-    """
-    cache = trained["class_images"]
-    cache.ensure("a teapot", 16)
-    heldout = [load_rgb(p) for p in cache.paths("a teapot", 16)[8:]]
-    loss = {w: fixed_probe(trained[w]["pipeline"], "a teapot", heldout) for w in (0.0, 1.0)}
-    base = fixed_probe(trained["base"], "a teapot", heldout)
-    print(f"held-out class-image loss: base {base:.4f}, lambda=0 {loss[0.0]:.4f}, lambda=1 {loss[1.0]:.4f}")
-    assert loss[1.0] < 0.95 * loss[0.0]
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, cache_dir):
