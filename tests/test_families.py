@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dreambooth_pl.module import DreamBoothModule
+from tests.test_losses import fixed_batch
 
 # Computed on main at 61a2b08 (before the family seam) with this exact batch, noise and timesteps.
 PINNED_SD_LOSS = {"instance": 0.5752509832382202, "prior": 1.150206208229065, "total": 1.1503541469573975}
@@ -17,15 +18,9 @@ PINNED_SD_STATE_KEYS = "2661c70107f76b0a18c0d0c226585ad9018379020a992d339ffdaa36
 def test_sd_loss_and_checkpoint_names_are_unchanged(tiny_pretrained):
     module = DreamBoothModule(tiny_pretrained, optimizer=torch.optim.AdamW, prior_weight=0.5, snr_gamma=5.0)
     module.eval()
-    g = torch.Generator().manual_seed(1)
-    batch = {
-        "pixel_values": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
-        "prompts": ["a sks teapot"] * 2 + ["a teapot"] * 2,
-        "is_prior": torch.tensor([False, False, True, True]),
-    }
-    noise = torch.randn(4, 4, 16, 16, generator=g)
+    batch, noise, timesteps = fixed_batch()
     torch.manual_seed(3)
-    loss = module.compute_loss(batch, noise=noise, timesteps=torch.tensor([5, 400, 800, 999]))
+    loss = module.compute_loss(batch, noise=noise, timesteps=timesteps)
     assert loss.instance.item() == pytest.approx(PINNED_SD_LOSS["instance"], rel=1e-6)
     assert loss.prior.item() == pytest.approx(PINNED_SD_LOSS["prior"], rel=1e-6)
     assert loss.total.item() == pytest.approx(PINNED_SD_LOSS["total"], rel=1e-6)

@@ -76,18 +76,22 @@ def test_offset_noise_adds_a_constant_per_channel():
     assert offset_noise(noise, 0.0) is noise
 
 
-def test_module_loss_equals_formula(tiny_pretrained):
-    """The module's loss = instance MSE + lambda * prior MSE on the same forward pass."""
-    module = DreamBoothModule(tiny_pretrained, optimizer=torch.optim.AdamW, prior_weight=0.5)
-    module.eval()
+def fixed_batch() -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Two instance and two prior samples with fixed pixels, noise and timesteps."""
     g = torch.Generator().manual_seed(1)
     batch = {
         "pixel_values": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
         "prompts": ["a sks teapot"] * 2 + ["a teapot"] * 2,
         "is_prior": torch.tensor([False, False, True, True]),
     }
-    noise = torch.randn(4, 4, 16, 16, generator=g)
-    timesteps = torch.tensor([5, 400, 800, 999])
+    return batch, torch.randn(4, 4, 16, 16, generator=g), torch.tensor([5, 400, 800, 999])
+
+
+def test_module_loss_equals_formula(tiny_pretrained):
+    """The module's loss = instance MSE + lambda * prior MSE on the same forward pass."""
+    module = DreamBoothModule(tiny_pretrained, optimizer=torch.optim.AdamW, prior_weight=0.5)
+    module.eval()
+    batch, noise, timesteps = fixed_batch()
     torch.manual_seed(3)
     loss = module.compute_loss(batch, noise=noise, timesteps=timesteps)
 

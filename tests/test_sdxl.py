@@ -19,9 +19,9 @@ from dreambooth_pl.families import get_family
 from dreambooth_pl.images import ImageTransform
 from dreambooth_pl.models import load_components, load_pipeline
 from dreambooth_pl.module import DreamBoothModule
-from dreambooth_pl.sampling import use_scheduler
 from dreambooth_pl.training import train
 from tests.conftest import FAST, compose_train, needs_dataset
+from tests.test_methods import render, run
 
 SDXL_FAST = [*FAST, "model=sdxl_tiny"]
 PROMPT = "a sks teapot in the snow"
@@ -191,22 +191,8 @@ def test_one_step_loss_equals_the_diffusers_sdxl_script(sdxl_tiny, tmp_path, pre
 # --------------------------------------------------------------------------- training and exports
 
 
-def render(pipe, prompt: str, **kwargs) -> np.ndarray:
-    use_scheduler(pipe, "diffusers.DDIMScheduler")  # deterministic steps, whatever scheduler came with it
-    return pipe(
-        prompt,
-        num_inference_steps=3,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
-    ).images[0]
-
-
 def sdxl_run(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> dict:
-    cfg = compose_train([*SDXL_FAST, "export.samples.prompts=[]", *overrides], tmp_path, cache_dir)
-    return {**train(cfg), "base": resolve_path(cfg.model.pretrained), "cfg": cfg}
+    return run(tmp_path, cache_dir, ["model=sdxl_tiny", *overrides])
 
 
 @pytest.fixture(scope="module")

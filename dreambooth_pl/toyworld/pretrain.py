@@ -149,9 +149,16 @@ def _optimizer(params, lr: float, steps: int, warmup: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _train(name: str, model: torch.nn.Module, loss_fn, batches, steps: int, lr: float, warmup: int) -> list[float]:
-    """The shared loop: returns the loss of every step (the tests check that it falls)."""
-    opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], lr, steps, warmup)
+def _caption_batches(rng: np.random.Generator, data: WorldData, cfg: DictConfig) -> Iterator[np.ndarray]:
+    """A stage's batches of rendered (image, caption) indices."""
+    return _batches(rng, len(data.captions), cfg.batch_size, cfg.steps)
+
+
+def _train(name: str, model: torch.nn.Module, loss_fn, batches, cfg: DictConfig) -> list[float]:
+    """The shared loop over a stage's `steps` at its `lr` and `warmup`: returns the loss of every step (the
+    tests check that it falls)."""
+    steps = cfg.steps
+    opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr, steps, cfg.warmup)
     model.train()
     losses = []
     bar = tqdm(batches, total=steps, desc=name, unit="step", mininterval=10)
@@ -193,9 +200,7 @@ def train_vae(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> list[fl
         rec = vae.decode(posterior.sample()).sample
         return F.mse_loss(rec, x) + F.l1_loss(rec, x) + cfg.kl_weight * posterior.kl().mean()
 
-    losses = _train(
-        "vae", vae, loss_fn, _batches(rng, len(data.captions), cfg.batch_size, cfg.steps), cfg.steps, cfg.lr, cfg.warmup
-    )
+    losses = _train("vae", vae, loss_fn, _caption_batches(rng, data, cfg), cfg)
     with torch.no_grad():  # unit-variance latents, as Stable Diffusion's scaling factor gives
         sample = vae.encode(data.pixels(rng.integers(0, len(data.captions), 256))).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
@@ -234,15 +239,7 @@ def train_clip(data: WorldData, cfg: DictConfig, tok_cfg: DictConfig, out: Path,
             return_loss=True,
         ).loss
 
-    losses = _train(
-        "clip",
-        model,
-        loss_fn,
-        _batches(rng, len(data.captions), cfg.batch_size, cfg.steps),
-        cfg.steps,
-        cfg.lr,
-        cfg.warmup,
-    )
+    losses = _train("clip", model, loss_fn, _caption_batches(rng, data, cfg), cfg)
     _save(model, out / "clip", tok)
     # The pipeline's text encoder is the CLIP text tower (as Stable Diffusion's is OpenAI CLIP's).
     _save(model.text_model, out / "pipeline" / "text_encoder")
@@ -275,7 +272,7 @@ def train_dino(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> list[f
         target = torch.arange(len(a))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
-    losses = _train("dino", model, loss_fn, pairs(), cfg.steps, cfg.lr, cfg.warmup)
+    losses = _train("dino", model, loss_fn, pairs(), cfg)
     _save(model, out / "dino")
     return losses
 
@@ -317,15 +314,7 @@ def train_unet(data: WorldData, cfg: DictConfig, scheduler_cfg: DictConfig, out:
         pred = unet(noisy, t, encoder_hidden_states=embeddings[text]).sample
         return F.mse_loss(pred, noise)
 
-    losses = _train(
-        "unet",
-        unet,
-        loss_fn,
-        _batches(rng, len(data.captions), cfg.batch_size, cfg.steps),
-        cfg.steps,
-        cfg.lr,
-        cfg.warmup,
-    )
+    losses = _train("unet", unet, loss_fn, _caption_batches(rng, data, cfg), cfg)
     parts = Components(unet, vae, noise_scheduler, {"text_encoder": text_encoder}, {"tokenizer": tok})
     pipe = get_family("sd").assemble_pipeline(parts)
     save_pipeline_atomically(pipe, pipe_dir)
@@ -373,15 +362,7 @@ def train_attribute_probe(data: WorldData, cfg: DictConfig, seed: int) -> tuple[
         # the colour is known only where the caption names it (-1 elsewhere)
         return sum(F.cross_entropy(lg, lb[index], ignore_index=-1) for lg, lb in zip(logits, labels))
 
-    losses = _train(
-        "attribute probe",
-        model,
-        loss_fn,
-        _batches(rng, len(data.captions), cfg.batch_size, cfg.steps),
-        cfg.steps,
-        cfg.lr,
-        cfg.warmup,
-    )
+    losses = _train("attribute probe", model, loss_fn, _caption_batches(rng, data, cfg), cfg)
     return model, losses
 
 
