@@ -4,7 +4,11 @@
 `eval/metrics.json`, groups the runs by how they were trained (method, model, prior weight, class noun in
 the instance prompt, all read from the files' metadata), averages per subject first and then reports the
 mean and standard error over subjects, with the paper's published numbers beside ours, labelled "paper".
-Writes report.md, table1.csv, table3.csv, table4.csv and runs.csv (one row per run).
+Writes report.md, table1.csv, table3.csv, table4.csv, runs.csv (one row per run) and, where a subject has a
+base-model evaluation and DreamBooth runs with and without prior preservation, language_drift.png.
+
+`SweepReport`, a Hydra callback (experiment=toy_paper), evaluates the base model on the swept subjects when
+a sweep ends and writes the report into the sweep folder.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from dreambooth_pl.images import image_grid, load_rgb, save_atomically
+
 METRICS_FILE = "metrics.json"
 LABELS = {
     "pres": "PRES",
@@ -27,7 +37,13 @@ LABELS = {
     "clip_i": "CLIP-I",
     "clip_t": "CLIP-T",
 }
-METHODS = {"dreambooth": "DreamBooth", "lora": "LoRA DreamBooth", "textual_inversion": "Textual Inversion"}
+BASE = "base"  # the method of a base-model evaluation: nothing was fine-tuned
+METHODS = {
+    BASE: "Base model",
+    "dreambooth": "DreamBooth",
+    "lora": "LoRA DreamBooth",
+    "textual_inversion": "Textual Inversion",
+}
 CONDITIONS = {"correct": "Correct Class", "none": "No Class", "wrong": "Wrong Class"}
 
 # Ruiz et al., DreamBooth, CVPR 2023. Table 1 and 3 use 30 subjects x 25 prompts x 4 images.
@@ -106,6 +122,9 @@ def load_run(path: Path) -> dict:
         "div_backend": record.get("div_backend"),
         "tags": ";".join(meta.get("tags") or []),
         "grid": str(path.parent / record.get("grids", {}).get("grid", "grid.png")),
+        "real_images_dir": meta.get("real_images_dir"),
+        "pres_prompt": meta.get("pres_prompt"),
+        "pres_images": [str(path.parent / image["file"]) for image in record.get("pres_images", [])],
         **record["metrics"],
     }
 
@@ -135,6 +154,8 @@ def summarize(runs: list[dict], metrics: Sequence[str]) -> dict:
 
 
 def _label(method: str, model: str, prior_weight: float | None) -> str:
+    if method == BASE:
+        return f"{METHODS[BASE]} ({model}, no fine-tuning)"
     if prior_weight is None:
         prior = "prior unknown"
     else:
@@ -255,13 +276,87 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path) -> dict[st
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"report": out / "report.md", "runs": out / "runs.csv"}
-    written["report"].write_text(markdown(tables, runs, paths))
-    _write_csv(runs, list(runs[0]), written["runs"])
+    drift = language_drift_grid(runs)
+    if drift is not None:
+        written["language_drift"] = save_atomically(drift, out / "language_drift.png")
+    written["report"].write_text(markdown(tables, runs, paths) + _drift_note(written))
+    _write_csv(runs, [k for k in runs[0] if k != "pres_images"], written["runs"])
     for name, rows in tables.items():
         stats = [f"{m}_{s}" for m in TABLES[name]["metrics"] for s in ("mean", "se")]
         written[name] = out / f"{name}.csv"
         _write_csv(rows, KEY_COLUMNS + stats, written[name])
     return written
+
+
+def language_drift_grid(runs: list[dict], columns: int = 8) -> Image.Image | None:
+    """The paper's language-drift picture: "a [class noun]" (the PRES images, same seeds) from the base model,
+    after DreamBooth without prior preservation and with it; three rows per subject, the lowest seed's runs."""
+
+    def first(candidates: list[dict]) -> dict | None:
+        usable = [r for r in candidates if r["pres_images"]]
+        return min(usable, key=lambda r: (r["seed"] is None, r["seed"] or 0, r["run"])) if usable else None
+
+    rows = []  # (label, run)
+    for subject in sorted({r["subject"] for r in runs}):
+        mine = [r for r in runs if r["subject"] == subject and r["class_noun_condition"] == "correct"]
+        dreambooth = [r for r in mine if r["method"] == "dreambooth"]
+        trio = {
+            "base model": first([r for r in mine if r["method"] == BASE]),
+            "DreamBooth, no prior preservation (lambda=0)": first([r for r in dreambooth if r["prior_weight"] == 0]),
+            "DreamBooth, prior preservation (lambda=1)": first([r for r in dreambooth if (r["prior_weight"] or 0) > 0]),
+        }
+        if all(trio.values()):
+            rows += [(f"{subject}: {name}: {run['pres_prompt']!r}", run) for name, run in trio.items()]
+    if not rows:
+        return None
+    count = min(columns, *(len(run["pres_images"]) for _, run in rows))
+    images = [load_rgb(path) for _, run in rows for path in run["pres_images"][:count]]
+    return image_grid(images, cols=count, row_labels=[label for label, _ in rows])
+
+
+def _drift_note(written: dict[str, Path]) -> str:
+    if "language_drift" not in written:
+        return ""
+    return (
+        "\n## Language drift\n\n"
+        'Each subject\'s "a [class noun]" from the same seeds: base model, DreamBooth without prior preservation,\n'
+        f"DreamBooth with it: ![language drift]({written['language_drift'].name})\n"
+    )
+
+
+class SweepReport(Callback):
+    """When a sweep ends: evaluate the base model on the swept subjects (Table 1's reference row and the
+    language-drift grid's first row), then write the report into `<sweep dir>/report`."""
+
+    def __init__(self, base_model: str | None = None) -> None:
+        self.base_model = base_model
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = [load_run(f) for f in find_metrics([sweep_dir])]
+        if not runs:
+            print(f"[report] no evaluated runs under {sweep_dir}: nothing to report")
+            return
+        if self.base_model:
+            self.evaluate_base(config, sweep_dir, [r for r in runs if r["method"] != BASE])
+        written = write_report([sweep_dir], sweep_dir / "report")
+        print(f"[report] {written['report']}")
+
+    def evaluate_base(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
+        from dreambooth_pl.evaluate import evaluate_run  # diffusers and transformers load only here
+
+        for subject in sorted({r["subject"] for r in runs}):
+            run = next(r for r in runs if r["subject"] == subject)
+            evaluate_run(
+                self.base_model,
+                str(sweep_dir / BASE / subject),
+                OmegaConf.to_container(config.eval, resolve=True),
+                run["real_images_dir"],
+                subject,
+                run["class_noun"],
+                run["identifier"],
+                run_meta={"method": BASE, "model": OmegaConf.select(config, "model.name"), "steps": 0},
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

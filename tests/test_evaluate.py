@@ -168,7 +168,7 @@ def test_eval_group_composes_into_the_training_config(tmp_path):
     meta = run_meta_from_config(cfg)
     assert meta == {
         "method": "dreambooth",
-        "model": "tiny",
+        "model": "toy",  # the default model
         "prior_enabled": True,
         "prior_weight": 0.0,
         "seed": 42,

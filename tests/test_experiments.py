@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
 from tests.test_evaluate import QUICK
@@ -68,3 +69,48 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
     methods = [r["method"] for r in rows if r["row"] != "Real Images"]
     assert sorted(methods) == ["dreambooth", "lora", "textual_inversion"], rows
     assert all(-1 <= float(r["dino_mean"]) <= 1 for r in rows)
+
+
+def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
+    """experiment=toy_paper as a user runs it, cut to 1 subject, 1 seed and a few steps: every toy_row trains
+    and is evaluated, then the sweep's end evaluates the base model and writes the report with the drift grid."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "experiment=toy_paper",
+        "subject=toy_teapot",
+        "seed=0",
+        "logger=none",
+        "trainer.max_steps=2",
+        "prior.num_images=2",
+        "sampler.num_inference_steps=2",
+        "callbacks.samples.every_n_steps=0",
+        "export.samples.prompts=[]",
+        *QUICK,
+        "eval.images_per_prompt=2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.toyworld_dir={REPO / 'toyworld'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    report = sweep / "report"
+    runs = list(csv.DictReader((report / "runs.csv").open()))
+    assert sorted((r["method"], r["prior_weight"], r["class_noun_condition"]) for r in runs) == [
+        ("base", "", "correct"),
+        ("dreambooth", "0.0", "correct"),
+        ("dreambooth", "1.0", "correct"),
+        ("dreambooth", "1.0", "none"),
+        ("dreambooth", "1.0", "wrong"),
+        ("lora", "1.0", "correct"),
+        ("textual_inversion", "0.0", "correct"),
+    ]
+    table1 = {r["row"] for r in csv.DictReader((report / "table1.csv").open()) if r["source"] == "ours"}
+    assert "Base model (toy, no fine-tuning)" in table1 and "DreamBooth (toy, PPL λ=1)" in table1
+    text = (report / "report.md").read_text()
+    assert "| *paper* | DreamBooth (Imagen) w/ PPL |" in text and "![language drift](language_drift.png)" in text
+    drift = Image.open(report / "language_drift.png")
+    assert drift.width == 2 * 64  # eval.pres.num_images=2 images of 64 px per row: base, lambda 0, lambda 1

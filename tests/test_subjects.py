@@ -92,7 +92,8 @@ def test_instance_dir_resolves_to_folder_with_images(path):
 
 
 @pytest.mark.parametrize(
-    "path", dataset_subject_files() + sorted(SUBJECT_DIR.glob("toy_*.yaml")) + [SUBJECT_DIR / "demo.yaml"],
+    "path",
+    dataset_subject_files() + sorted(SUBJECT_DIR.glob("toy_*.yaml")) + [SUBJECT_DIR / "demo.yaml"],
     ids=lambda p: p.stem,
 )
 def test_wrong_class_noun_rule(path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -20,7 +21,9 @@ from transformers import CLIPModel, CLIPTokenizer, ViTModel
 from dreambooth_pl.config_utils import resolve_path
 from dreambooth_pl.dreambench import read_class_table, read_prompt_lists
 from dreambooth_pl.images import load_rgb
-from dreambooth_pl.models import load_components
+from dreambooth_pl.metrics import DinoEmbedder, Preprocess
+from dreambooth_pl.models import load_components, loaded_pipeline
+from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
 from dreambooth_pl.toyworld.subjects import subject_instance
@@ -141,6 +144,12 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
         clip.text_model.embeddings.token_embedding.weight, parts.text_encoder.embeddings.token_embedding.weight
     )
     assert CLIPTokenizer.from_pretrained(out / "clip")("a vase").input_ids == parts.tokenizer("a vase").input_ids
+    # the identifiers' embeddings are as long as a caption word's typical one (not their near-zero init)
+    table = parts.text_encoder.get_input_embeddings().weight
+    lengths = {
+        w: table[parts.tokenizer.convert_tokens_to_ids(f"{w}</w>")].norm().item() for w in ("sks", "zwx", "vase")
+    }
+    assert lengths["sks"] == pytest.approx(lengths["zwx"], rel=1e-5) and 0.3 < lengths["sks"] / lengths["vase"] < 3
     assert ViTModel.from_pretrained(out / "dino", add_pooling_layer=False).config.image_size == 64
 
     table = read_class_table(out / "dataset" / "prompts_and_classes.txt")
@@ -238,20 +247,80 @@ def test_train_py_with_the_toy_model_and_a_toy_subject(tmp_path):
     assert (run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_prior_preservation_keeps_the_class_prior(tmp_path):
-    """The paper's language drift, measured: after DreamBooth on toy_teapot with the toy recipe, the model's
-    loss on held-out images of the frozen model's own "a teapot" (seeds no run trained on, fixed noise)
-    rises without prior preservation and stays at the base model's with it."""
+def subject_photos() -> list:
+    return [load_rgb(p) for p in sorted((TOYWORLD / "dataset" / "toy_teapot").glob("*.png"))]
+
+
+UNRELATED = "a can on the beach"  # another class in a context: nothing the subject's photos show
+
+
+@pytest.fixture(scope="module")
+def toy_dreambooth(tmp_path_factory):
+    """DreamBooth on toy_teapot with the toy recipe (conf/model/toy.yaml), without and with prior preservation."""
+    root = tmp_path_factory.mktemp("toy_dreambooth")
     toy = ["model=toy", "subject=toy_teapot", "logger=none", f"paths.toyworld_dir={TOYWORLD}"]
     quiet = ["export.samples.prompts=[]", "callbacks.samples.every_n_steps=0"]
     runs = {}
     for weight in (0.0, 1.0):
-        cfg = compose_train([*toy, *quiet, f"prior.weight={weight}"], tmp_path / str(weight), tmp_path / "cache")
+        cfg = compose_train([*toy, *quiet, f"prior.weight={weight}"], root / str(weight), root / "cache")
         runs[weight] = train(cfg)["pipeline"]
-    base = resolve_path(cfg.model.pretrained)
+    return {"cfg": cfg, "base": resolve_path(cfg.model.pretrained), **runs}
+
+
+@needs_toyworld
+def test_prior_preservation_keeps_the_class_prior(toy_dreambooth):
+    """The paper's language drift, measured: after DreamBooth on toy_teapot, the model's loss on held-out
+    images of the frozen model's own "a teapot" (seeds no run trained on, fixed noise) rises without prior
+    preservation and stays at the base model's with it."""
+    cfg, base = toy_dreambooth["cfg"], toy_dreambooth["base"]
     cache, seen = instantiate(cfg.prior.cache, pretrained=base), cfg.prior.num_images
     cache.ensure("a teapot", seen + 16)
     heldout = [load_rgb(p) for p in cache.paths("a teapot", seen + 16)[seen:]]
-    loss = {name: fixed_probe(model, "a teapot", heldout) for name, model in [("base", base), *runs.items()]}
+    loss = {name: fixed_probe(toy_dreambooth[name], "a teapot", heldout) for name in ("base", 0.0, 1.0)}
     print(f"held-out class-image loss: base {loss['base']:.4f}, lambda=0 {loss[0.0]:.4f}, lambda=1 {loss[1.0]:.4f}")
     assert loss[1.0] < 0.8 * loss[0.0]
+
+
+@needs_toyworld
+@pytest.mark.xfail(
+    strict=True,
+    reason="does not reproduce in the toy world: the photos' fixed-noise loss falls nearly as much under an "
+    "unrelated prompt (0.465x under 'a sks teapot', 0.492x under 'a can on the beach', 0.548x under 'a teapot')",
+)
+def test_the_identifier_lowers_the_subjects_loss_more_than_an_unrelated_prompt(toy_dreambooth):
+    """The issue's binding check as stated: after DreamBooth (lambda=1), the subject's photos are explained
+    by "a sks teapot" much better than before, and much more so than by an unrelated prompt (fixed noise):
+    its loss falls to less than 0.7x of the unrelated prompt's relative fall."""
+    photos = subject_photos()
+    ratio = {}
+    for prompt in ("a sks teapot", "a teapot", UNRELATED):
+        before = fixed_probe(toy_dreambooth["base"], prompt, photos)
+        ratio[prompt] = fixed_probe(toy_dreambooth[1.0], prompt, photos) / before
+    print("subject loss after / before: " + ", ".join(f"{p!r} {r:.3f}" for p, r in ratio.items()))
+    assert ratio["a sks teapot"] < 0.7 * ratio[UNRELATED]
+
+
+@needs_toyworld
+def test_the_identifier_renders_the_subject(toy_dreambooth):
+    """Binding, read from generated images with the toy DINO (eval=toy): after DreamBooth (lambda=1), "a sks
+    teapot" renders the subject, far closer to its photos than the same model's "a teapot" and the base
+    model's "a sks teapot" (8 images each, the same seeds)."""
+    cfg = toy_dreambooth["cfg"]
+    eval_cfg = compose_train(
+        ["eval=toy", f"paths.toyworld_dir={TOYWORLD}"], cfg.paths.output_dir, cfg.paths.cache_dir
+    ).eval
+    dino = DinoEmbedder(
+        eval_cfg.dino.model, Preprocess(**{k: eval_cfg.dino[k] for k in ("resize", "crop", "mean", "std")})
+    )
+    photos = F.normalize(
+        dino.images([load_rgb(p) for p in sorted((TOYWORLD / "dataset" / "toy_teapot").glob("*.png"))]), dim=-1
+    )
+    settings = SamplerSettings(**OmegaConf.to_container(cfg.sampler, resolve=True))
+    similarity = {}
+    for model, prompt in ((1.0, "a sks teapot"), (1.0, "a teapot"), ("base", "a sks teapot")):
+        with loaded_pipeline(toy_dreambooth[model], device="cpu") as pipe:
+            images = [image for _, image in render(pipe, [prompt] * 8, list(range(8)), settings)]
+        similarity[(model, prompt)] = (F.normalize(dino.images(images), dim=-1) @ photos.T).mean().item()
+    print("toy DINO to the subject's photos: " + ", ".join(f"{k}: {v:.3f}" for k, v in similarity.items()))
+    trained = similarity[(1.0, "a sks teapot")]
+    assert trained > similarity[(1.0, "a teapot")] + 0.2 and trained > similarity[("base", "a sks teapot")] + 0.2

@@ -34,6 +34,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, Vi
 from dreambooth_pl.export import save_pipeline_atomically, write_dir_atomically
 from dreambooth_pl.families import Components, get_family
 from dreambooth_pl.images import image_grid, save_atomically
+from dreambooth_pl.losses import snr_weights
 from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
@@ -240,11 +241,27 @@ def train_clip(data: WorldData, cfg: DictConfig, tok_cfg: DictConfig, out: Path,
         ).loss
 
     losses = _train("clip", model, loss_fn, _caption_batches(rng, data, cfg), cfg)
+    rare = list(tok_cfg.extra_words)
+    seen = [w for w in world_words(rare) if w not in rare]
+    give_rare_words_typical_embeddings(model.text_model, tok, rare, seen, seed)
     _save(model, out / "clip", tok)
     # The pipeline's text encoder is the CLIP text tower (as Stable Diffusion's is OpenAI CLIP's).
     _save(model.text_model, out / "pipeline" / "text_encoder")
     write_dir_atomically(out / "pipeline" / "tokenizer", tok.save_pretrained)
     return losses
+
+
+def give_rare_words_typical_embeddings(text_model, tok, rare: list[str], seen: list[str], seed: int) -> None:
+    """A word no caption uses keeps its initial, short embedding, so "a sks teapot" would reach the UNet
+    almost as "a teapot" and the identifier could hardly be told from the class. A real CLIP's rare tokens
+    were seen a few times and have embeddings of ordinary length that mean little: random directions at the
+    median length of the caption words' embeddings give the toy identifiers the same."""
+    table = text_model.get_input_embeddings().weight
+    ids = tok.convert_tokens_to_ids([f"{w}</w>" for w in rare])
+    with torch.no_grad():
+        length = table[tok.convert_tokens_to_ids([f"{w}</w>" for w in seen])].norm(dim=-1).median()
+        directions = torch.randn(len(ids), table.shape[1], generator=torch.Generator().manual_seed(seed))
+        table[ids] = F.normalize(directions, dim=-1) * length
 
 
 def train_dino(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> list[float]:
@@ -312,7 +329,11 @@ def train_unet(data: WorldData, cfg: DictConfig, scheduler_cfg: DictConfig, out:
         text = caption_index[index].clone()
         text[torch.from_numpy(rng.random(len(index)) < cfg.caption_dropout)] = empty
         pred = unet(noisy, t, encoder_hidden_states=embeddings[text]).sample
-        return F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.snr_gamma is None:
+            return per_sample.mean()
+        weights = snr_weights(noise_scheduler.alphas_cumprod, t, cfg.snr_gamma, noise_scheduler.config.prediction_type)
+        return (per_sample * weights).mean()
 
     losses = _train("unet", unet, loss_fn, _caption_batches(rng, data, cfg), cfg)
     parts = Components(unet, vae, noise_scheduler, {"text_encoder": text_encoder}, {"tokenizer": tok})

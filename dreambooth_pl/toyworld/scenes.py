@@ -320,14 +320,16 @@ def _pattern_mask(pattern: str, seed_shape: tuple[float, ...]) -> np.ndarray:
         return np.abs(ys - 74) < 7
     if pattern == "dots":
         return ((xs % period - period / 2) ** 2 + (ys % period - period / 2) ** 2) < (period * 0.28) ** 2
+    # the subjects' patterns are coarse (cells of 5-8 px in a 64 px photo): the toy VAE's latents are 4 px
+    # apart, so a finer pattern would be lost before the UNet sees it
     if pattern == "checker":
-        return ((xs // 16) + (ys // 16)) % 2 == 1
+        return ((xs // 48) + (ys // 48)) % 2 == 1
     if pattern == "zigzag":
-        return np.abs((ys + 8 * np.abs((xs % 20) / 10 - 1)) % 22 - 11) < 4
+        return np.abs((ys + 16 * np.abs((xs % 40) / 20 - 1)) % 44 - 22) < 8
     if pattern == "diamonds":
-        return (np.abs(xs % 24 - 12) + np.abs(ys % 24 - 12)) < 7
+        return (np.abs(xs % 48 - 24) + np.abs(ys % 48 - 24)) < 14
     if pattern == "diagonal":
-        return ((xs + ys) // 10) % 2 == 1
+        return ((xs + ys) // 20) % 2 == 1
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
