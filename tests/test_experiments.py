@@ -13,6 +13,7 @@ from PIL import Image
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
 from tests.test_evaluate import QUICK
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
+from tests.test_training import run_train_py
 
 
 def sweep_params(experiment: str) -> dict:
@@ -37,9 +38,7 @@ def test_paper_experiments_sweep_the_documented_grids():
 def test_three_methods_make_one_table1(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     tiny = tiny_eval_overrides(tiny_embedding_models(tmp_path / "embedders"))
-    command = [
-        sys.executable,
-        str(REPO / "train.py"),
+    args = [
         "-m",
         "method=dreambooth,lora,textual_inversion",
         *FAST,
@@ -53,13 +52,11 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
         f"paths.cache_dir={cache_dir}",
         f"paths.dreambooth_root={DREAMBOOTH_ROOT}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_train_py(args, tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "dreambooth_pl.report", str(sweep)],
         cwd=REPO,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -75,9 +72,7 @@ def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
     """experiment=toy_paper as a user runs it, cut to 1 subject, 1 seed and a few steps: every toy_row trains
     and is evaluated, then the sweep's end evaluates the base model and writes the report with the drift grid."""
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        str(REPO / "train.py"),
+    args = [
         "-m",
         "experiment=toy_paper",
         "subject=toy_teapot",
@@ -94,9 +89,7 @@ def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.toyworld_dir={REPO / 'toyworld'}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    run_train_py(args, tmp_path)
     report = sweep / "report"
     runs = list(csv.DictReader((report / "runs.csv").open()))
     assert sorted((r["method"], r["prior_weight"], r["class_noun_condition"]) for r in runs) == [

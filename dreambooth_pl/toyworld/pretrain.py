@@ -34,7 +34,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, Vi
 from dreambooth_pl.export import save_pipeline_atomically, write_dir_atomically
 from dreambooth_pl.families import Components, get_family
 from dreambooth_pl.images import image_grid, save_atomically
-from dreambooth_pl.losses import snr_weights
+from dreambooth_pl.losses import dreambooth_loss, snr_weights
 from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
@@ -329,11 +329,12 @@ def train_unet(data: WorldData, cfg: DictConfig, scheduler_cfg: DictConfig, out:
         text = caption_index[index].clone()
         text[torch.from_numpy(rng.random(len(index)) < cfg.caption_dropout)] = empty
         pred = unet(noisy, t, encoder_hidden_states=embeddings[text]).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.snr_gamma is None:
-            return per_sample.mean()
-        weights = snr_weights(noise_scheduler.alphas_cumprod, t, cfg.snr_gamma, noise_scheduler.config.prediction_type)
-        return (per_sample * weights).mean()
+        weights = None
+        if cfg.snr_gamma is not None:
+            schedule = noise_scheduler.alphas_cumprod
+            weights = snr_weights(schedule, t, cfg.snr_gamma, noise_scheduler.config.prediction_type)
+        # the project's loss (losses.py): per-sample MSE, Min-SNR weighted; no prior half in pretraining
+        return dreambooth_loss(pred, noise, torch.zeros(len(index), dtype=torch.bool), 0.0, weights).total
 
     losses = _train("unet", unet, loss_fn, _caption_batches(rng, data, cfg), cfg)
     parts = Components(unet, vae, noise_scheduler, {"text_encoder": text_encoder}, {"tokenizer": tok})
