@@ -50,6 +50,9 @@ class SampleGrid(L.Callback):
         prompts = trainer.datamodule.validation_prompts
         if not prompts:
             return
+        if not pl_module.text_encoder_names:
+            log.info("No sample grid: module.free_text_encoders dropped the text encoders it needs")
+            return
         rows = [p for p in prompts for _ in range(self.images_per_prompt)]
         seeds = [self.seed + i % self.images_per_prompt for i in range(len(rows))]
         was_training = pl_module.training

@@ -208,6 +208,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.instance_images, self.instance_prompts, self.transform, class_paths, self.class_prompt
         )
 
+    def fixed_prompts(self) -> list[str]:
+        """Every prompt a training batch can carry (the text-embedding cache can hold them all up front)."""
+        return [*self.instance_prompts, *([self.class_prompt] if self.class_prompt else [])]
+
     def _generate_class_images(self) -> list[Path]:
         """Each rank makes its share of the missing class images, then all wait and read the same files."""
         cache, prompt, count = self.class_images, self.class_prompt, self.num_class_images

@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class FineTuneMethod:
-    """Full fine-tuning of the UNet (and optionally the text encoder): the paper's DreamBooth."""
+    """Full fine-tuning of the denoiser (and optionally the text encoders the family trains): the paper's
+    DreamBooth."""
 
     export_dirname = "pipeline"
+    trains_adapters = False  # whether the base weights stay frozen (a 4-bit base needs that)
 
     def __init__(self, name: str = "dreambooth", train_text_encoder: bool = False):
         self.name = name
@@ -38,9 +40,12 @@ class FineTuneMethod:
 
     def attach(self, module) -> None:
         """Mark what trains; everything starts frozen."""
-        module.unet.requires_grad_(True)
-        for encoder in module.text_encoders.values():
-            encoder.requires_grad_(self.train_text_encoder)
+        module.denoiser.requires_grad_(True)
+        for name in self.text_encoders_trained(module):
+            module.text_encoders[name].requires_grad_(True)
+
+    def text_encoders_trained(self, module) -> list[str]:
+        return module.family.trainable_text_encoders if self.train_text_encoder else []
 
     def after_optimizer_step(self, module) -> None:
         """Hook for methods that constrain their parameters after each update."""
@@ -53,8 +58,7 @@ class FineTuneMethod:
 
         base = module.hparams
         pipe = load_pipeline(base.pretrained, "cpu", revision=base.revision, variant=base.variant, vae=base.vae)
-        learned = ["unet", *module.text_encoder_names] if self.train_text_encoder else ["unet"]
-        for name in learned:
+        for name in [module.denoiser_name, *self.text_encoders_trained(module)]:
             getattr(pipe, name).load_state_dict(getattr(module, name).state_dict())
         return save_pipeline_atomically(pipe, output_dir / self.export_dirname, run_info)
 
@@ -66,9 +70,11 @@ def with_base_vae(run_info: dict, module) -> dict:
 
 
 class LoRA(FineTuneMethod):
-    """Low-rank adapters (peft) on the attention projections; base weights stay frozen."""
+    """Low-rank adapters (peft) on the attention projections (the family's recipe targets unless
+    `target_modules` is given); base weights stay frozen."""
 
     export_dirname = "lora"
+    trains_adapters = True
 
     def __init__(
         self,
@@ -76,7 +82,7 @@ class LoRA(FineTuneMethod):
         rank: int = 4,
         alpha: float = 4.0,
         dropout: float = 0.0,
-        target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        target_modules: Sequence[str] | None = None,
         train_text_encoder: bool = False,
         text_encoder_target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "out_proj"),
         export_merged: bool = False,
@@ -85,7 +91,7 @@ class LoRA(FineTuneMethod):
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
-        self.target_modules = list(target_modules)
+        self.target_modules = None if target_modules is None else list(target_modules)
         self.text_encoder_target_modules = list(text_encoder_target_modules)
         self.export_merged = export_merged
 
@@ -101,36 +107,33 @@ class LoRA(FineTuneMethod):
         )
 
     def attach(self, module) -> None:
-        module.unet.add_adapter(self._config(self.target_modules))
-        if self.train_text_encoder:
-            # peft directly: transformers' own adapter integration may want a newer peft than is installed.
-            from peft import inject_adapter_in_model
+        module.denoiser.add_adapter(self._config(self.target_modules or module.family.lora_target_modules))
+        # peft directly: transformers' own adapter integration may want a newer peft than is installed.
+        from peft import inject_adapter_in_model
 
-            for encoder in module.text_encoders.values():
-                inject_adapter_in_model(self._config(self.text_encoder_target_modules), encoder)
+        for name in self.text_encoders_trained(module):
+            inject_adapter_in_model(self._config(self.text_encoder_target_modules), module.text_encoders[name])
 
-    def export(self, module, output_dir: Path, run_info: dict) -> Path:
-        from diffusers.utils import convert_state_dict_to_diffusers
+    def lora_state(self, family, model) -> dict[str, torch.Tensor]:
+        """The adapters with alpha / rank folded into every up projection (peft's `lora_B`, whatever the
+        target), named as the family's loader reads them: loaders that find no alpha in the file (every
+        diffusers version, without adapter metadata) assume alpha = rank, scale 1."""
         from peft.utils import get_peft_model_state_dict
 
-        def lora_state(model):
-            """The adapters with alpha / rank folded into the up projections: loaders that find no alpha in
-            the file (every diffusers version, without adapter metadata) assume alpha = rank, scale 1."""
-            state = get_peft_model_state_dict(model, state_dict=model.state_dict())
-            scale = self.alpha / self.rank
-            return {
-                k: (v.detach().float().cpu() * (scale if k.split(".")[-2] == "up" else 1.0)).contiguous()
-                for k, v in convert_state_dict_to_diffusers(state).items()
-            }
+        state = get_peft_model_state_dict(model, state_dict=model.state_dict())
+        scale = self.alpha / self.rank
+        folded = {k: (v.detach().float().cpu() * (scale if ".lora_B." in k else 1.0)).contiguous() for k, v in state.items()}
+        return family.lora_file_keys(folded)
 
-        text_layers = (
-            {name: lora_state(encoder) for name, encoder in module.text_encoders.items()}
-            if self.train_text_encoder
-            else {}
-        )
+    def export(self, module, output_dir: Path, run_info: dict) -> Path:
+        text_layers = {
+            name: self.lora_state(module.family, module.text_encoders[name]) for name in self.text_encoders_trained(module)
+        }
         target = write_dir_atomically(
             output_dir / self.export_dirname,
-            lambda staging: module.family.save_lora_weights(staging, lora_state(module.unet), text_layers),
+            lambda staging: module.family.save_lora_weights(
+                staging, self.lora_state(module.family, module.denoiser), text_layers
+            ),
             with_base_vae(run_info, module),
         )
         if self.export_merged:
@@ -167,6 +170,8 @@ class TextualInversion(FineTuneMethod):
         return self.placeholder
 
     def attach(self, module) -> None:
+        if module.family.textual_inversion_refusal:
+            raise ValueError(module.family.textual_inversion_refusal)
         if self.placeholder is None:
             raise RuntimeError("TextualInversion.prompt_token must be called before the module is built")
         for name, text_encoder in module.text_encoders.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline
 from filelock import FileLock
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTokenizer
@@ -30,21 +30,35 @@ from dreambooth_pl.export import (
 )
 from dreambooth_pl.families import Components, family_of_pipeline, get_family
 from dreambooth_pl.network import server_reachable
-from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
+from dreambooth_pl.vocab import build_clip_tokenizer, build_t5_tokenizer, clip_vocab_from_bpe, word_vocab
 
 log = logging.getLogger(__name__)
 
+# What a folder without model_index.json is checked against (a Stable Diffusion pipeline's parts); one with
+# it must have every part its model_index.json lists.
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# Per subfolder, groups of file patterns of which each group needs a match (weights may be .bin, sharded or
-# a variant such as .fp16.safetensors).
+# Per kind of part, groups of file patterns of which each group needs a match (weights may be .bin, sharded
+# or a variant such as .fp16.safetensors).
 _WEIGHTS = ("*.safetensors", "*.bin")
 REQUIRED_FILES = {
-    "unet": [("config.json",), _WEIGHTS],
-    "vae": [("config.json",), _WEIGHTS],
-    "text_encoder": [("config.json",), _WEIGHTS],
-    "tokenizer": [("*.json", "*.txt")],
+    "model": [("config.json",), _WEIGHTS],
+    "tokenizer": [("*.json", "*.txt", "*.model")],
     "scheduler": [("scheduler_config.json",)],
 }
+
+
+def _part_kind(subfolder: str) -> str:
+    return next((kind for kind in ("tokenizer", "scheduler") if subfolder.startswith(kind)), "model")
+
+
+def pipeline_parts(folder: Path) -> list[str]:
+    """The subfolders a pipeline folder must have: those its model_index.json names (optional parts that are
+    null excluded), else a Stable Diffusion pipeline's."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return list(PIPELINE_SUBFOLDERS)
+    entries = json.loads(index.read_text())
+    return [k for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[1] is not None]
 INDEX_FILES = ("model_index.json", "config.json")  # a pipeline's, a single model's (DINO, CLIP)
 
 
@@ -60,7 +74,8 @@ def check_pretrained(pretrained: str) -> None:
         return
     if not path.is_dir():
         raise ModelNotReachable(f"model.pretrained={pretrained!r}: no such folder.")
-    missing = [name for name in ("model_index.json", *PIPELINE_SUBFOLDERS) if not (path / name).exists()]
+    parts = pipeline_parts(path)
+    missing = [name for name in ("model_index.json", *parts) if not (path / name).exists()]
     if missing:
         raise ModelNotReachable(
             f"model.pretrained={pretrained!r} is not a diffusers pipeline folder (missing: {', '.join(missing)}). "
@@ -68,8 +83,8 @@ def check_pretrained(pretrained: str) -> None:
         )
     incomplete = [
         f"{sub}/ has no {' or '.join(patterns)}"
-        for sub, needs in REQUIRED_FILES.items()
-        for patterns in needs
+        for sub in parts
+        for patterns in REQUIRED_FILES[_part_kind(sub)]
         if not any(next((path / sub).glob(pattern), None) for pattern in patterns)
     ]
     if incomplete:
@@ -207,9 +222,22 @@ def loaded_pipeline(
             torch.cuda.empty_cache()
 
 
-def _tokenizer_from_config(words: list[str], clip_bpe: str | None, model_max_length: int) -> CLIPTokenizer:
+def _tokenizer_from_config(
+    tokenizer_class: type, words: list[str], clip_bpe: str | None, model_max_length: int, t5_max_length: int = 512
+):
+    """A CLIP tokenizer (real BPE or one token per word), or for T5 encoders a T5 tokenizer of the words."""
+    if tokenizer_class is not CLIPTokenizer:
+        return build_t5_tokenizer(words, model_max_length=t5_max_length)
     vocab, merges = clip_vocab_from_bpe(clip_bpe) if clip_bpe else word_vocab(words)
     return build_clip_tokenizer(vocab, merges, model_max_length=model_max_length)
+
+
+def _random_text_encoder(cls: type, tokenizer, config: dict) -> torch.nn.Module:
+    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if cls.config_class is CLIPTextConfig:
+        size = {"bos_token_id": tokenizer.bos_token_id, "max_position_embeddings": tokenizer.model_max_length}
+        return cls(CLIPTextConfig(vocab_size=len(tokenizer), **size, **special, **config))
+    return cls(cls.config_class(vocab_size=len(tokenizer), decoder_start_token_id=0, **special, **config))
 
 
 def build_random_pipeline(
@@ -217,25 +245,30 @@ def build_random_pipeline(
     seed: int,
     tokenizer: dict,
     text_encoders: dict[str, dict],
-    unet: dict,
     vae: dict,
     scheduler: dict,
     scheduler_class: str = "DDPMScheduler",
     family: str = "sd",
+    **denoiser: dict,
 ) -> str:
     """Build a pipeline of the family's architecture with random weights, once per config; return its folder.
 
-    `text_encoders` maps each of the family's text encoders (pipeline name) to its CLIP config; every
-    tokenizer gets the same vocabulary. The folder name hashes the whole config, so any change gives a new
-    model and class images cached under the old one are never reused by mistake. `scheduler_class` is the
-    inference scheduler saved with it (Stable Diffusion 1.x ships PNDM); training reads the schedule as DDPM.
+    `text_encoders` maps each of the family's text encoders (pipeline name) to its config (CLIP or T5);
+    CLIP tokenizers share one vocabulary, T5 ones get the same words. The denoiser's config comes under its
+    pipeline name (`unet=...`, `transformer=...`). The folder name hashes the whole config, so any change
+    gives a new model and class images cached under the old one are never reused by mistake.
+    `scheduler_class` is the inference scheduler saved with it (Stable Diffusion 1.x ships PNDM); training
+    reads the schedule with the family's training scheduler (DDPM, flow matching).
     """
+    model_family = get_family(family)
+    if set(denoiser) != {model_family.denoiser_name}:
+        raise ValueError(f"model.pretrained: family {family!r} needs its denoiser's config as {model_family.denoiser_name}")
     spec = {
         "family": family,
         "seed": seed,
         "tokenizer": tokenizer,
         "text_encoders": text_encoders,
-        "unet": unet,
+        **denoiser,
         "vae": vae,
         "scheduler": scheduler,
         "scheduler_class": scheduler_class,
@@ -252,32 +285,29 @@ def build_random_pipeline(
         if (target / "model_index.json").exists():
             return str(target)
         log.info("Building a random-weight pipeline in %s", target)
-        model_family = get_family(family)
         if set(spec["text_encoders"]) != set(model_family.text_encoder_names):
             raise ValueError(
                 f"model.pretrained.text_encoders: family {family!r} has {', '.join(model_family.text_encoder_names)}"
             )
-        tok = _tokenizer_from_config(**spec["tokenizer"])
-        special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        tokenizers = {
+            model_family.tokenizer_names[name]: _tokenizer_from_config(
+                model_family.tokenizer_class(model_family.tokenizer_names[name]), **spec["tokenizer"]
+            )
+            for name in model_family.text_encoder_names
+        }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             text_encoders = {
-                name: cls(
-                    CLIPTextConfig(
-                        vocab_size=len(tok),
-                        max_position_embeddings=tok.model_max_length,
-                        **special,
-                        **spec["text_encoders"][name],
-                    )
-                )
+                name: _random_text_encoder(cls, tokenizers[model_family.tokenizer_names[name]], spec["text_encoders"][name])
                 for name, cls in model_family.text_encoder_classes.items()
             }
             components = Components(
-                unet=UNet2DConditionModel(**spec["unet"]),
+                denoiser=model_family.denoiser_class(**spec[model_family.denoiser_name]),
                 vae=AutoencoderKL(**spec["vae"]),
-                noise_scheduler=DDPMScheduler.from_config(spec["scheduler"]),
+                noise_scheduler=model_family.noise_scheduler_class.from_config(spec["scheduler"]),
                 text_encoders=text_encoders,
-                tokenizers={model_family.tokenizer_names[name]: tok for name in text_encoders},
+                tokenizers=tokenizers,
+                denoiser_name=model_family.denoiser_name,
             )
         inference_scheduler = getattr(diffusers, scheduler_class).from_config(spec["scheduler"])
         save_pipeline_atomically(model_family.assemble_pipeline(components, scheduler=inference_scheduler), target)

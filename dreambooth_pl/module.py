@@ -1,4 +1,8 @@
-"""The DreamBooth LightningModule: frozen VAE (and text encoder), trainable UNet, combined loss.
+"""The DreamBooth LightningModule: frozen VAE (and text encoders), trainable denoiser, combined loss.
+
+The denoiser (a UNet, or FLUX's / SD3's transformer) sits under its pipeline name (`unet`, `transformer`),
+so checkpoint keys and exports use the names the family's pipeline uses; the family says how it is called
+and what it learns to predict (its objective).
 
 Which parameters learn, and what is exported, is the `method`'s decision (methods.py): full
 fine-tuning, LoRA or Textual Inversion share everything here.
@@ -16,11 +20,25 @@ from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from dreambooth_pl.families import Components, PromptEmbeddings, get_family
-from dreambooth_pl.losses import DreamBoothLoss, dreambooth_loss, offset_noise, prediction_target, snr_weights
+from dreambooth_pl.losses import DreamBoothLoss, dreambooth_loss, offset_noise
 from dreambooth_pl.methods import FineTuneMethod
 
 log = logging.getLogger(__name__)
 HALF_PRECISIONS = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def quantized_denoiser(quantize_base: str | None) -> dict | None:
+    """from_pretrained arguments that load the frozen denoiser in 4 bits (bitsandbytes NF4, CUDA only)."""
+    if quantize_base is None:
+        return None
+    if quantize_base != "nf4":
+        raise ValueError(f"module.quantize_base={quantize_base!r}: use nf4 or null.")
+    if not torch.cuda.is_available():
+        raise ValueError("module.quantize_base=nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); unset it on a CPU.")
+    from diffusers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": config, "torch_dtype": torch.bfloat16}
 
 
 class DreamBoothModule(L.LightningModule):
@@ -44,12 +62,19 @@ class DreamBoothModule(L.LightningModule):
         seed: int = 0,
         family: str = "sd",
         vae: str | None = None,
+        family_options: dict | None = None,
+        objective: dict | None = None,
+        text_encoder_lr: float | None = None,
+        text_encoder_weight_decay: float | None = None,
+        free_text_encoders: bool = False,
+        quantize_base: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "method"])
-        self.family = get_family(family)
-        parts = self.family.load_components(pretrained, revision, variant, vae)
-        self.unet = parts.unet
+        self.family = get_family(family, **(family_options or {}))
+        parts = self.family.load_components(pretrained, revision, variant, vae, quantized_denoiser(quantize_base))
+        self.denoiser_name = self.family.denoiser_name
+        setattr(self, self.denoiser_name, parts.denoiser)
         self.vae = parts.vae
         # Text encoders are attributes under their pipeline names (text_encoder, text_encoder_2, ...), so
         # checkpoint keys and exports use the names the family's pipeline uses.
@@ -58,7 +83,10 @@ class DreamBoothModule(L.LightningModule):
             setattr(self, name, encoder)
         self.tokenizers = parts.tokenizers
         self.noise_scheduler = parts.noise_scheduler
+        self.objective = self.family.objective(parts.noise_scheduler, snr_gamma, **(objective or {}))
         self.optimizer_factory = optimizer
+        self.text_encoder_lr = text_encoder_lr
+        self.text_encoder_weight_decay = text_encoder_weight_decay
         self.lr_scheduler_factory = lr_scheduler
         self.scale_lr = scale_lr
         self.prior_weight = prior_weight
@@ -71,17 +99,26 @@ class DreamBoothModule(L.LightningModule):
         self._latent_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, PromptEmbeddings] = {}
 
-        for model in (self.unet, self.vae, *self.text_encoders.values()):
+        for model in (self.denoiser, self.vae, *self.text_encoders.values()):
             model.requires_grad_(False)
         self.method = method or FineTuneMethod()
+        if quantize_base and not self.method.trains_adapters:
+            raise ValueError(f"module.quantize_base={quantize_base}: a 4-bit base cannot be fine-tuned; use method=lora.")
         self.method.attach(self)
+        # frozen encoders whose outputs for the run's fixed prompts are all cached, then dropped (fit start)
+        self.free_text_encoders = free_text_encoders
+        if free_text_encoders and (self.text_encoder_learns or not cache_text_embeddings):
+            raise ValueError(
+                "module.free_text_encoders=true drops the text encoders after caching the fixed prompts' embeddings:"
+                " it needs module.cache_text_embeddings=true and frozen text encoders (method.train_text_encoder=false)."
+            )
         self.vae.eval()
         if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.denoiser.to(memory_format=torch.channels_last)
         if compile_unet:
-            self.unet.compile()  # in place: parameter names, checkpoints and export are unchanged
+            self.denoiser.compile()  # in place: parameter names, checkpoints and export are unchanged
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
             for encoder in self.text_encoders.values():
                 if any(p.requires_grad for p in encoder.parameters()):
                     encoder.gradient_checkpointing_enable()
@@ -94,6 +131,10 @@ class DreamBoothModule(L.LightningModule):
         self._generator_state: torch.Tensor | None = None
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self, self.denoiser_name)
+
+    @property
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in self.text_encoder_names}
 
@@ -104,6 +145,18 @@ class DreamBoothModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's groups: whatever learns in the denoiser (and VAE: nothing) at the optimizer's
+        settings; text-encoder parameters at `text_encoder_lr` / `text_encoder_weight_decay` where set, as
+        the diffusers LoRA scripts train them (5e-6, 1e-3 beside the denoiser's 1e-4)."""
+        text = [p for e in self.text_encoders.values() for p in e.parameters() if p.requires_grad]
+        text_ids = {id(p) for p in text}
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in text_ids]}]
+        if text:
+            settings = {"lr": self.text_encoder_lr, "weight_decay": self.text_encoder_weight_decay}
+            groups.append({"params": text, **{k: v for k, v in settings.items() if v is not None}})
+        return [g for g in groups if g["params"]]
+
     def setup(self, stage: str) -> None:
         """Under half-precision training, frozen weights are stored in the compute dtype to save memory;
         whatever learns (full weights, LoRA adapters) stays in fp32, and so do the models the method keeps
@@ -112,14 +165,30 @@ class DreamBoothModule(L.LightningModule):
         half = next((d for k, d in HALF_PRECISIONS.items() if str(self.trainer.precision).startswith(k)), None)
         if half is None:
             return
-        for name in ("unet", "vae", *self.text_encoder_names):
+        for name in (self.denoiser_name, "vae", *self.text_encoder_names):
             model = getattr(self, name)
+            if getattr(model, "is_quantized", False):
+                continue  # 4-bit weights compute in their own dtype
             upcast_vae = name == "vae" and getattr(model.config, "force_upcast", False)
             if upcast_vae or self.method.keeps_full_precision(name, self.text_encoder_names):
                 model.float()
                 continue
             for param in model.parameters():
                 param.data = param.data.to(torch.float32 if param.requires_grad else half)
+
+    def on_fit_start(self) -> None:
+        if self.free_text_encoders:
+            self.cache_prompts_and_free_text_encoders(self.trainer.datamodule.fixed_prompts())
+
+    def cache_prompts_and_free_text_encoders(self, prompts: list[str]) -> None:
+        """Encode every prompt training will see, then drop the encoders (T5-XXL alone is 9 GB in bf16)."""
+        self.encode_prompts(prompts)
+        for name in self.text_encoder_names:
+            delattr(self, name)
+        self.text_encoder_names = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("module.free_text_encoders: %d prompts cached, text encoders freed", len(self._text_cache))
 
     def on_train_start(self) -> None:
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
@@ -139,6 +208,8 @@ class DreamBoothModule(L.LightningModule):
         if not self.cache_text_embeddings or self.text_encoder_learns:
             return self._run_text_encoders(prompts)
         missing = sorted({p for p in prompts if p not in self._text_cache})
+        if missing and not self.text_encoder_names:
+            raise RuntimeError(f"module.free_text_encoders: prompts {missing} were not cached before the encoders were freed")
         if missing:
             with torch.no_grad():
                 self._text_cache.update(zip(missing, self._run_text_encoders(missing).rows(), strict=True))
@@ -176,21 +247,18 @@ class DreamBoothModule(L.LightningModule):
         if noise is None:
             noise = offset_noise(torch.randn(latents.shape, **draw), self.noise_offset, self.noise_generator)
         if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), **draw)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        conditioning = self.family.unet_conditioning(
+            timesteps = self.objective.timesteps(len(latents), self.noise_generator, latents.device)
+        noisy = self.objective.add_noise(latents, noise, timesteps)
+        pred = self.family.predict(
+            self.denoiser,
+            noisy,
+            timesteps,
             self.encode_prompts(batch["prompts"]).to(noisy.dtype),
             batch.get("original_sizes"),
             batch.get("crops_top_left"),
             tuple(batch["pixel_values"].shape[-2:]),
         )
-        pred = self.unet(noisy, timesteps, **conditioning).sample
-        prediction_type = self.noise_scheduler.config.prediction_type
-        alphas_cumprod = self.noise_scheduler.alphas_cumprod
-        target = prediction_target(prediction_type, alphas_cumprod, latents, noise, timesteps)
-        weights = None
-        if self.snr_gamma is not None:
-            weights = snr_weights(alphas_cumprod, timesteps, self.snr_gamma, prediction_type)
+        pred, target, weights = self.objective.terms(pred, latents, noise, noisy, timesteps)
         return dreambooth_loss(pred, target, batch["is_prior"].to(pred.device), self.prior_weight, weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -217,7 +285,7 @@ class DreamBoothModule(L.LightningModule):
         self.method.after_optimizer_step(self)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scale_lr:
             # The learning rate is per image: multiply by the images behind each optimizer step, as the
             # diffusers examples' --scale_lr does (accumulation x batch x processes).
@@ -248,5 +316,7 @@ class DreamBoothModule(L.LightningModule):
 
     def pipeline(self) -> DiffusionPipeline:
         """An inference pipeline that shares this module's current weights."""
-        parts = Components(self.unet, self.vae, self.noise_scheduler, self.text_encoders, self.tokenizers)
+        parts = Components(
+            self.denoiser, self.vae, self.noise_scheduler, self.text_encoders, self.tokenizers, self.denoiser_name
+        )
         return self.family.assemble_pipeline(parts)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
+import torch
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +23,8 @@ from dreambooth_pl.export import recover_exports
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
 from dreambooth_pl.loggers import close_loggers, wandb_location
-from dreambooth_pl.methods import FineTuneMethod
+from dreambooth_pl.families import get_family
+from dreambooth_pl.methods import FineTuneMethod, TextualInversion
 from dreambooth_pl.models import load_tokenizer, require_reachable
 from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.prompts import check_template, fill_prompt, require_identifier
@@ -64,6 +66,7 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("subject.class_noun is empty but prior preservation needs it (or set prior.enabled=false)")
     if cfg.eval.enabled and not cfg.export.enabled:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
+    problems += family_problems(cfg)
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
     instance = instance_templates(cfg)
@@ -79,6 +82,23 @@ def check_config(cfg: DictConfig) -> None:
     for option, template in zip(instance_options, instance):
         require_identifier(template, option)
     warn_unseen_class_images(cfg)
+
+
+def family_problems(cfg: DictConfig) -> list[str]:
+    """Methods and memory options the model family or this machine cannot run, named before any work."""
+    problems = []
+    family = get_family(cfg.model.family, **cfg.module.get("family_options", {}))
+    if family.textual_inversion_refusal and issubclass(get_class(cfg.method._target_), TextualInversion):
+        problems.append(family.textual_inversion_refusal)
+    if not torch.cuda.is_available():
+        if str(cfg.module.optimizer._target_).startswith("bitsandbytes."):
+            problems.append(
+                f"module.optimizer._target_={cfg.module.optimizer._target_}: 8-bit optimizers (bitsandbytes) need a "
+                "CUDA GPU; on a CPU use torch.optim.AdamW"
+            )
+        if cfg.module.get("quantize_base"):
+            problems.append(f"module.quantize_base={cfg.module.quantize_base}: 4-bit weights (bitsandbytes) need a CUDA GPU")
+    return problems
 
 
 def instance_templates(cfg: DictConfig) -> list[str]:

@@ -93,3 +93,15 @@ def build_clip_tokenizer(
         lines = ["#version: 0.2", *(" ".join(pair) for pair in merges)]
         (root / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def build_t5_tokenizer(words: Sequence[str], model_max_length: int = 512):
+    """A T5 (Unigram) tokenizer in which every given word is one token ("▁word"), built in code: the
+    special tokens where T5 has them (<pad> 0, </s> 1, <unk> 2), no sentinel tokens. Saved and loaded back
+    through a folder, like the CLIP one, so it is what `from_pretrained` gives."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"\u2581{w}", -1.0) for w in words), ("\u2581", -2.0)]
+    with tempfile.TemporaryDirectory() as folder:
+        T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length).save_pretrained(folder)
+        return T5Tokenizer.from_pretrained(folder)

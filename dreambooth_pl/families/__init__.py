@@ -15,13 +15,19 @@ from dreambooth_pl.families.base import Components, ModelFamily, PromptEmbedding
 FAMILIES = {
     "sd": "dreambooth_pl.families.sd.StableDiffusion",
     "sdxl": "dreambooth_pl.families.sdxl.StableDiffusionXL",
+    "flux": "dreambooth_pl.families.flux.Flux",
+    "sd3": "dreambooth_pl.families.sd3.StableDiffusion3",
 }
 
 
-def get_family(name: str) -> ModelFamily:
+def get_family(name: str, **options) -> ModelFamily:
+    """The family by its `model.family` name; `options` (`module.family_options`) go to its constructor."""
     if name not in FAMILIES:
         raise ValueError(f"model.family={name!r}: use one of {', '.join(FAMILIES)}.")
-    return get_class(FAMILIES[name])()
+    try:
+        return get_class(FAMILIES[name])(**options)
+    except TypeError as err:
+        raise ValueError(f"module.family_options {sorted(options)} do not fit model.family={name}: {err}") from err
 
 
 def family_of_pipeline(class_name: str) -> ModelFamily:

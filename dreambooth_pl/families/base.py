@@ -8,22 +8,27 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTokenizer
 
 from dreambooth_pl.export import TEXTUAL_INVERSION_WEIGHTS
+from dreambooth_pl.losses import NoisePrediction
 
 
 @dataclass
 class Components:
-    """A model's parts; text encoders and tokenizers under their pipeline names (`text_encoder`,
-    `tokenizer`, `text_encoder_2`, ...), which also read as attributes: `parts.text_encoder`."""
+    """A model's parts; the denoiser (UNet or transformer), text encoders and tokenizers also read under
+    their pipeline names (`parts.unet`, `parts.transformer`, `parts.text_encoder`, `parts.tokenizer_2`)."""
 
-    unet: UNet2DConditionModel
+    denoiser: torch.nn.Module
     vae: AutoencoderKL
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: Any
     text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)
     tokenizers: dict[str, Any] = field(default_factory=dict)
+    denoiser_name: str = "unet"
 
     def __getattr__(self, name: str):
+        if name == self.__dict__.get("denoiser_name"):
+            return self.__dict__["denoiser"]
         for parts in ("text_encoders", "tokenizers"):
             named = self.__dict__.get(parts, {})
             if name in named:
@@ -53,12 +58,24 @@ class PromptEmbeddings:
 
 
 class ModelFamily:
-    """One model family. Subclasses set the class attributes and implement `encode_prompts`."""
+    """One model family. Subclasses set the class attributes and implement `encode_prompts`; a family
+    with its own options (FLUX's guidance input) takes them as constructor keywords (`module.family_options`)."""
 
     pipeline_class: ClassVar[type[DiffusionPipeline]]
+    # the denoiser under its pipeline name, and the scheduler class whose config defines the training noise
+    denoiser_name: ClassVar[str] = "unet"
+    denoiser_class: ClassVar[type[torch.nn.Module]] = UNet2DConditionModel
+    noise_scheduler_class: ClassVar[type] = DDPMScheduler
     # pipeline name -> class of each text encoder, and the tokenizer that feeds it, in pipeline order
     text_encoder_classes: ClassVar[dict[str, type]]
     tokenizer_names: ClassVar[dict[str, str]]
+    tokenizer_classes: ClassVar[dict[str, type]] = {}  # tokenizer name -> class; CLIPTokenizer if not named
+    # the text encoders `train_text_encoder` trains (the LoRA scripts of FLUX and SD3 leave T5 frozen)
+    trainable_text_encoder_names: ClassVar[list[str] | None] = None  # None: all
+    # the recipe's LoRA targets when method.target_modules is null
+    lora_target_modules: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    # why Textual Inversion is not offered on this family, if it is not
+    textual_inversion_refusal: ClassVar[str | None] = None
     # extra keyword arguments for the pipeline's constructor and from_pretrained (e.g. no safety checker)
     pipeline_kwargs: ClassVar[dict[str, Any]] = {}
 
@@ -66,36 +83,69 @@ class ModelFamily:
     def text_encoder_names(self) -> list[str]:
         return list(self.text_encoder_classes)
 
+    @property
+    def trainable_text_encoders(self) -> list[str]:
+        names = self.trainable_text_encoder_names
+        return self.text_encoder_names if names is None else list(names)
+
+    def tokenizer_class(self, name: str) -> type:
+        return self.tokenizer_classes.get(name, CLIPTokenizer)
+
+    def objective(self, noise_scheduler, snr_gamma: float | None = None, **options):
+        """The training objective on this family's schedule: eps / v prediction here (Min-SNR optional)."""
+        if options:
+            raise ValueError(
+                f"module.objective {sorted(options)}: flow-matching options, but model.family "
+                f"({self.pipeline_class.__name__}) trains with {noise_scheduler.config.prediction_type} prediction."
+            )
+        return NoisePrediction(noise_scheduler, snr_gamma)
+
     def load_components(
-        self, pretrained: str, revision: str | None = None, variant: str | None = None, vae: str | None = None
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        vae: str | None = None,
+        denoiser_kwargs: dict | None = None,
     ) -> Components:
-        """`vae`: a separate VAE (hub id or folder) instead of the model's own."""
-        from dreambooth_pl.models import check_pretrained, from_pretrained_or_explain, load_tokenizer
+        """`vae`: a separate VAE (hub id or folder) instead of the model's own; `denoiser_kwargs`: extra
+        from_pretrained arguments of the denoiser (a quantization config)."""
+        from dreambooth_pl.models import check_pretrained, from_pretrained_or_explain
 
         check_pretrained(pretrained)
         weights = {"revision": revision, "variant": variant}
         return Components(
-            unet=from_pretrained_or_explain(UNet2DConditionModel, pretrained, "unet", **weights),
+            denoiser=from_pretrained_or_explain(
+                self.denoiser_class, pretrained, self.denoiser_name, **weights, **(denoiser_kwargs or {})
+            ),
             vae=(
                 from_pretrained_or_explain(AutoencoderKL, vae, None)
                 if vae
                 else from_pretrained_or_explain(AutoencoderKL, pretrained, "vae", **weights)
             ),
-            noise_scheduler=from_pretrained_or_explain(DDPMScheduler, pretrained, "scheduler", revision=revision),
+            noise_scheduler=from_pretrained_or_explain(
+                self.noise_scheduler_class, pretrained, "scheduler", revision=revision
+            ),
             text_encoders={
                 name: from_pretrained_or_explain(cls, pretrained, name, **weights)
                 for name, cls in self.text_encoder_classes.items()
             },
             tokenizers={
-                self.tokenizer_names[name]: load_tokenizer(pretrained, revision, self.tokenizer_names[name])
+                self.tokenizer_names[name]: from_pretrained_or_explain(
+                    self.tokenizer_class(self.tokenizer_names[name]),
+                    pretrained,
+                    self.tokenizer_names[name],
+                    revision=revision,
+                )
                 for name in self.text_encoder_classes
             },
+            denoiser_name=self.denoiser_name,
         )
 
     def assemble_pipeline(self, components: Components, **overrides: Any) -> DiffusionPipeline:
         """A pipeline sharing the given modules (no copies)."""
         parts = {
-            "unet": components.unet,
+            self.denoiser_name: components.denoiser,
             "vae": components.vae,
             "scheduler": components.noise_scheduler,
             **components.text_encoders,
@@ -120,16 +170,40 @@ class ModelFamily:
         are (batch, 2) as (height, width) and (top, left): each image's own micro-conditioning."""
         return {"encoder_hidden_states": embeddings.hidden_states}
 
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: PromptEmbeddings,
+        original_sizes: torch.Tensor | None,
+        crops_top_left: torch.Tensor | None,
+        target_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """The denoiser's output for noisy latents (batch, channels, height, width), in the same layout."""
+        conditioning = self.unet_conditioning(embeddings, original_sizes, crops_top_left, target_size)
+        return denoiser(noisy, timesteps, **conditioning).sample
+
+    def native_resolution(self, pipe: DiffusionPipeline) -> int:
+        """The pixel size the pipeline renders when none is given."""
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def lora_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft adapter names as this family's diffusers scripts write them (UNet families: diffusers names)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(state)
+
     def save_lora_weights(
         self,
         folder: Path,
-        unet_layers: dict[str, torch.Tensor],
+        denoiser_layers: dict[str, torch.Tensor],
         text_encoder_layers: dict[str, dict[str, torch.Tensor]],
     ) -> None:
         """Write the adapters where `pipe.load_lora_weights(folder)` finds them; text encoders by pipeline name."""
         self.pipeline_class.save_lora_weights(
             folder,
-            unet_lora_layers=unet_layers,
+            **{f"{self.denoiser_name}_lora_layers": denoiser_layers},
             **{f"{name}_lora_layers": layers for name, layers in text_encoder_layers.items()},
             safe_serialization=True,
         )
