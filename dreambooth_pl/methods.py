@@ -70,8 +70,8 @@ def with_base_vae(run_info: dict, module) -> dict:
 
 
 class LoRA(FineTuneMethod):
-    """Low-rank adapters (peft) on the attention projections (the family's recipe targets unless
-    `target_modules` is given); base weights stay frozen."""
+    """Low-rank adapters (peft) on the denoiser's attention projections (or `target_modules`: the model
+    files name their recipe's, model.lora.target_modules); base weights stay frozen."""
 
     export_dirname = "lora"
     trains_adapters = True
@@ -82,7 +82,7 @@ class LoRA(FineTuneMethod):
         rank: int = 4,
         alpha: float = 4.0,
         dropout: float = 0.0,
-        target_modules: Sequence[str] | None = None,
+        target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
         train_text_encoder: bool = False,
         text_encoder_target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "out_proj"),
         export_merged: bool = False,
@@ -91,7 +91,7 @@ class LoRA(FineTuneMethod):
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
-        self.target_modules = None if target_modules is None else list(target_modules)
+        self.target_modules = list(target_modules)
         self.text_encoder_target_modules = list(text_encoder_target_modules)
         self.export_merged = export_merged
 
@@ -107,7 +107,7 @@ class LoRA(FineTuneMethod):
         )
 
     def attach(self, module) -> None:
-        module.denoiser.add_adapter(self._config(self.target_modules or module.family.lora_target_modules))
+        module.denoiser.add_adapter(self._config(self.target_modules))
         # peft directly: transformers' own adapter integration may want a newer peft than is installed.
         from peft import inject_adapter_in_model
 

@@ -72,8 +72,6 @@ class ModelFamily:
     tokenizer_classes: ClassVar[dict[str, type]] = {}  # tokenizer name -> class; CLIPTokenizer if not named
     # the text encoders `train_text_encoder` trains (the LoRA scripts of FLUX and SD3 leave T5 frozen)
     trainable_text_encoder_names: ClassVar[list[str] | None] = None  # None: all
-    # the recipe's LoRA targets when method.target_modules is null
-    lora_target_modules: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
     # why Textual Inversion is not offered on this family, if it is not
     textual_inversion_refusal: ClassVar[str | None] = None
     # extra keyword arguments for the pipeline's constructor and from_pretrained (e.g. no safety checker)

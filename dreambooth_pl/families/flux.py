@@ -74,21 +74,6 @@ class Flux(FlowMatchingFamily):
     tokenizer_names = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     tokenizer_classes = {"tokenizer_2": T5Tokenizer}
     trainable_text_encoder_names = ["text_encoder"]
-    # train_dreambooth_lora_flux.py's default targets: attention and feed-forward of both streams
-    lora_target_modules = [
-        "attn.to_k",
-        "attn.to_q",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "ff_context.net.0.proj",
-        "ff_context.net.2",
-    ]
 
     def __init__(self, guidance_scale: float = 3.5, max_sequence_length: int = 512):
         super().__init__(max_sequence_length)

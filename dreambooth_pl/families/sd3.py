@@ -26,9 +26,6 @@ class StableDiffusion3(FlowMatchingFamily):
     tokenizer_names = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
     tokenizer_classes = {"tokenizer_3": T5Tokenizer}
     trainable_text_encoder_names = ["text_encoder", "text_encoder_2"]
-    # train_dreambooth_lora_sd3.py's default targets: the image stream's attention projections
-    lora_target_modules = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-                           "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
 
     def __init__(self, max_sequence_length: int = 256):
         super().__init__(max_sequence_length)

@@ -1,0 +1,297 @@
+"""FLUX.1 and SD3 through the family seam: flow matching, the tiny models (model=flux_tiny, sd3_tiny), parity
+with transcriptions of diffusers' train_dreambooth_lora_flux.py / _sd3.py losses, exports diffusers loads,
+memory options."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from dreambooth_pl.config_utils import ConfigError, resolve_path
+from dreambooth_pl.losses import FlowMatching
+from dreambooth_pl.models import load_components
+from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.training import build_run, train
+from tests.conftest import FAST, compose_train, needs_dataset
+from tests.test_sdxl import mixed_batch
+
+PIPELINES = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
+PROMPT = "a sks teapot in the snow"
+
+
+def tiny_cfg(family: str, cache_dir: Path, overrides: list[str] = (), output: Path | None = None):
+    return compose_train([*FAST, f"model={family}_tiny", *overrides], output or cache_dir / "unused", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def flux_tiny(cache_dir) -> str:
+    return resolve_path(tiny_cfg("flux", cache_dir).model.pretrained)
+
+
+@pytest.fixture(scope="session")
+def sd3_tiny(cache_dir) -> str:
+    return resolve_path(tiny_cfg("sd3", cache_dir).model.pretrained)
+
+
+def module_for(family: str, pretrained: str, cache_dir: Path, **kwargs) -> DreamBoothModule:
+    module_cfg = tiny_cfg(family, cache_dir).module
+    options = {
+        "family_options": OmegaConf.to_container(module_cfg.family_options),
+        "objective": OmegaConf.to_container(module_cfg.objective),
+    }
+    for key in ("family_options", "objective"):
+        options[key].update(kwargs.pop(key, {}))
+    return DreamBoothModule(pretrained, optimizer=torch.optim.AdamW, family=family, **options, **kwargs).eval()
+
+
+def render(pipe, prompt: str = PROMPT, **kwargs) -> np.ndarray:
+    """A few deterministic flow-matching Euler steps at 64 px."""
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            num_inference_steps=3,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        ).images[0]
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sigmas_are_the_schedulers_with_its_shift(shift):
+    """Index i of the training schedule has sigma = shift s / (1 + (shift - 1) s) with s = (1000 - i) / 1000."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    objective = FlowMatching(scheduler)
+    indices = [0, 250, 500, 999]
+    timesteps = scheduler.timesteps[torch.tensor(indices)]
+    noisy = objective.add_noise(torch.ones(4, 4, 2, 2), torch.zeros(4, 4, 2, 2), timesteps)  # = 1 - sigma
+    for index, row in zip(indices, noisy, strict=True):
+        raw = (1000 - index) / 1000
+        sigma = shift * raw / (1 + (shift - 1) * raw)
+        assert torch.allclose(row, torch.full_like(row, 1 - sigma), atol=1e-6)
+    with pytest.raises(ValueError, match="not all on the training schedule"):
+        objective.add_noise(torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"])
+def test_flow_terms_match_the_formulas(scheme):
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    objective = FlowMatching(scheduler, weighting_scheme=scheme, logit_mean=0.3, logit_std=0.8, mode_scale=1.1)
+    # timesteps: diffusers' density with the same generator, indexed into the schedule
+    drawn = objective.timesteps(6, torch.Generator().manual_seed(4), torch.device("cpu"))
+    u = compute_density_for_timestep_sampling(scheme, 6, 0.3, 0.8, 1.1, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(drawn, scheduler.timesteps[(u * 1000).long()])
+    g = torch.Generator().manual_seed(0)
+    latents, noise, pred = (torch.randn(6, 4, 4, 4, generator=g) for _ in range(3))
+    noisy = objective.add_noise(latents, noise, drawn)
+    compared, target, weights = objective.terms(pred, latents, noise, noisy, drawn)
+    for i, t in enumerate(drawn.tolist()):
+        sigma = t / 1000  # FlowMatchEulerDiscreteScheduler: timesteps = sigmas x num_train_timesteps
+        assert torch.allclose(noisy[i], (1 - sigma) * latents[i] + sigma * noise[i], atol=1e-5)
+        assert torch.equal(target[i], noise[i] - latents[i])
+        expected = {"cosmap": 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)), "sigma_sqrt": sigma**-2.0}.get(scheme, 1.0)
+        assert weights[i].item() == pytest.approx(expected, rel=1e-4)
+    assert torch.equal(compared, pred)
+
+
+def test_preconditioned_outputs_compare_the_denoised_latents():
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    objective = FlowMatching(scheduler, precondition_outputs=True)
+    g = torch.Generator().manual_seed(1)
+    latents, noise, pred = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    timesteps = scheduler.timesteps[torch.tensor([100, 800])]
+    noisy = objective.add_noise(latents, noise, timesteps)
+    compared, target, _ = objective.terms(pred, latents, noise, noisy, timesteps)
+    sigma = (timesteps / 1000).view(-1, 1, 1, 1)
+    assert torch.allclose(compared, noisy - sigma * pred) and torch.equal(target, latents)
+
+
+def test_flow_options_are_refused_where_they_do_not_apply(tiny_pretrained, flux_tiny, cache_dir):
+    with pytest.raises(ValueError, match="module.objective.*flow-matching options"):
+        DreamBoothModule(tiny_pretrained, optimizer=torch.optim.AdamW, objective={"weighting_scheme": "cosmap"})
+    with pytest.raises(ValueError, match="module.snr_gamma.*weighting_scheme"):
+        module_for("flux", flux_tiny, cache_dir, snr_gamma=5.0)
+    with pytest.raises(ValueError, match="weighting_scheme='lognormal'"):
+        module_for("flux", flux_tiny, cache_dir, objective={"weighting_scheme": "lognormal"})
+
+
+# --------------------------------------------------------------------------- parity with the diffusers scripts
+
+
+def flux_reference_loss(parts, batch, prior_loss_weight, guidance_scale, max_sequence_length, scheme, mode_scale):
+    """One step of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py (frozen text encoders, prior
+    preservation), transcribed: encode_prompt (CLIP pooler_output at 77 tokens, T5 last states at
+    max_sequence_length, zero text ids), latents (z - shift) x scale, latent image ids, noise, timestep
+    density and schedule lookup, x_t = (1 - sigma) x + sigma noise, packing, the guidance input, the
+    transformer at t / 1000, unpacking, SD3 loss weighting, target noise - x, instance + lambda prior."""
+    prompts = batch["prompts"]
+    clip_ids = parts.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    pooled_prompt_embeds = parts.text_encoder(clip_ids.input_ids, output_hidden_states=False).pooler_output
+    t5_ids = parts.tokenizer_2(
+        prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    prompt_embeds = parts.text_encoder_2(t5_ids)[0]
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3)
+
+    vae = parts.vae
+    model_input = vae.encode(batch["pixel_values"]).latent_dist.sample()
+    model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_image_ids = FluxPipeline._prepare_latent_image_ids(
+        model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, "cpu", model_input.dtype
+    )
+    noise = torch.randn_like(model_input)
+    bsz = model_input.shape[0]
+    noise_scheduler_copy = FlowMatchEulerDiscreteScheduler.from_config(parts.noise_scheduler.config)
+    u = compute_density_for_timestep_sampling(scheme, bsz, logit_mean=0.0, logit_std=1.0, mode_scale=mode_scale)
+    indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+    timesteps = noise_scheduler_copy.timesteps[indices]
+    step_indices = [(noise_scheduler_copy.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = noise_scheduler_copy.sigmas[step_indices].flatten()
+    while len(sigmas.shape) < model_input.ndim:
+        sigmas = sigmas.unsqueeze(-1)
+    noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+    packed = FluxPipeline._pack_latents(
+        noisy_model_input, model_input.shape[0], model_input.shape[1], model_input.shape[2], model_input.shape[3]
+    )
+    guidance = None
+    if parts.transformer.config.guidance_embeds:
+        guidance = torch.tensor([guidance_scale]).expand(model_input.shape[0])
+    model_pred = parts.transformer(
+        hidden_states=packed,
+        timestep=timesteps / 1000,
+        guidance=guidance,
+        pooled_projections=pooled_prompt_embeds,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=text_ids,
+        img_ids=latent_image_ids,
+        return_dict=False,
+    )[0]
+    model_pred = FluxPipeline._unpack_latents(
+        model_pred,
+        height=model_input.shape[2] * vae_scale_factor,
+        width=model_input.shape[3] * vae_scale_factor,
+        vae_scale_factor=vae_scale_factor,
+    )
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+    target = noise - model_input
+    return _script_prior_loss(model_pred, target, weighting, prior_loss_weight)
+
+
+def _script_prior_loss(model_pred, target, weighting, prior_loss_weight):
+    """The two scripts' shared ending: chunk into instance and prior halves, weighted MSE per sample, means."""
+    model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+    target, target_prior = torch.chunk(target, 2, dim=0)
+    weighting, weighting_prior = torch.chunk(weighting, 2, dim=0)
+    prior_loss = torch.mean(
+        (weighting_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2).reshape(
+            target_prior.shape[0], -1
+        ),
+        1,
+    ).mean()
+    loss = torch.mean(
+        (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1
+    ).mean()
+    return loss + prior_loss_weight * prior_loss
+
+
+def sd3_reference_loss(parts, batch, prior_loss_weight, max_sequence_length, scheme, precondition_outputs):
+    """One step of diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py, transcribed: encode_prompt
+    (both CLIPs' hidden_states[-2] side by side and their text_embeds side by side, T5 states, CLIP states
+    zero-padded to T5's width, concatenated along the sequence), latents (z - shift) x scale, noise, timestep
+    density, x_t, the transformer at t, EDM preconditioning (the script's default), SD3 weighting."""
+    prompts = batch["prompts"]
+    clip_prompt_embeds_list, clip_pooled_prompt_embeds_list = [], []
+    for tokenizer, text_encoder in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)):
+        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        prompt_embeds = text_encoder(ids, output_hidden_states=True)
+        clip_pooled_prompt_embeds_list.append(prompt_embeds[0])
+        clip_prompt_embeds_list.append(prompt_embeds.hidden_states[-2])
+    clip_prompt_embeds = torch.cat(clip_prompt_embeds_list, dim=-1)
+    pooled_prompt_embeds = torch.cat(clip_pooled_prompt_embeds_list, dim=-1)
+    t5_ids = parts.tokenizer_3(
+        prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    t5_prompt_embed = parts.text_encoder_3(t5_ids)[0]
+    clip_prompt_embeds = F.pad(clip_prompt_embeds, (0, t5_prompt_embed.shape[-1] - clip_prompt_embeds.shape[-1]))
+    prompt_embeds = torch.cat([clip_prompt_embeds, t5_prompt_embed], dim=-2)
+
+    vae = parts.vae
+    model_input = vae.encode(batch["pixel_values"]).latent_dist.sample()
+    model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
+    noise = torch.randn_like(model_input)
+    noise_scheduler_copy = FlowMatchEulerDiscreteScheduler.from_config(parts.noise_scheduler.config)
+    u = compute_density_for_timestep_sampling(scheme, model_input.shape[0], logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+    indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+    timesteps = noise_scheduler_copy.timesteps[indices]
+    step_indices = [(noise_scheduler_copy.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = noise_scheduler_copy.sigmas[step_indices].flatten()
+    while len(sigmas.shape) < model_input.ndim:
+        sigmas = sigmas.unsqueeze(-1)
+    noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+    model_pred = parts.transformer(
+        hidden_states=noisy_model_input,
+        timestep=timesteps,
+        encoder_hidden_states=prompt_embeds,
+        pooled_projections=pooled_prompt_embeds,
+        return_dict=False,
+    )[0]
+    if precondition_outputs:
+        model_pred = model_pred * (-sigmas) + noisy_model_input
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+    target = model_input if precondition_outputs else noise - model_input
+    return _script_prior_loss(model_pred, target, weighting, prior_loss_weight)
+
+
+def _one_step(module, batch, seed):
+    """Our loss with every draw (latent sample, noise, timesteps) from a generator seeded as the script's
+    global RNG is: the same draws in the same order."""
+    module.noise_generator = torch.Generator().manual_seed(seed)
+    return module.compute_loss(batch)
+
+
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "cosmap"])
+def test_one_step_loss_equals_the_diffusers_flux_script(flux_tiny, cache_dir, tmp_path, scheme):
+    batch, _ = mixed_batch(tmp_path)
+    module = module_for("flux", flux_tiny, cache_dir, prior_weight=0.7, objective={"weighting_scheme": scheme})
+    parts = load_components(flux_tiny, family="flux")
+    ours = _one_step(module, batch, 11)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        theirs = flux_reference_loss(parts, batch, 0.7, 3.5, 512, scheme, 1.29)
+    assert ours.total.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+    assert ours.prior is not None and ours.prior.item() > 0
+
+
+@pytest.mark.parametrize("scheme, precondition", [("logit_normal", True), ("none", False), ("sigma_sqrt", True)])
+def test_one_step_loss_equals_the_diffusers_sd3_script(sd3_tiny, cache_dir, tmp_path, scheme, precondition):
+    batch, _ = mixed_batch(tmp_path)
+    module = module_for(
+        "sd3",
+        sd3_tiny,
+        cache_dir,
+        prior_weight=1.3,
+        family_options={"max_sequence_length": 77},  # the script's default length
+        objective={"weighting_scheme": scheme, "precondition_outputs": precondition},
+    )
+    parts = load_components(sd3_tiny, family="sd3")
+    ours = _one_step(module, batch, 5)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        theirs = sd3_reference_loss(parts, batch, 1.3, 77, scheme, precondition)
+    assert ours.total.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
