@@ -295,3 +295,140 @@ def test_one_step_loss_equals_the_diffusers_sd3_script(sd3_tiny, cache_dir, tmp_
     with torch.no_grad():
         theirs = sd3_reference_loss(parts, batch, 1.3, 77, scheme, precondition)
     assert ours.total.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+
+
+# --------------------------------------------------------------------------- training, exports, diffusers
+
+
+def flow_run(family: str, root: Path, cache_dir: Path, overrides: list[str]) -> dict:
+    cfg = tiny_cfg(family, cache_dir, overrides, output=root)
+    return {**train(cfg), "base": resolve_path(cfg.model.pretrained), "cfg": cfg, "root": root}
+
+
+@pytest.fixture(scope="module")
+def flux_dreambooth_run(tmp_path_factory, cache_dir) -> dict:
+    """python train.py model=flux_tiny subject=teapot (prior preservation on), shortened, with gradient
+    checkpointing, cached latents (the default) and the final samples rendered from the export."""
+    root = tmp_path_factory.mktemp("flux-dreambooth")
+    overrides = ["module.gradient_checkpointing=true", "export.samples.prompts=['a {identifier} {class_noun}']"]
+    return flow_run("flux", root, cache_dir, overrides)
+
+
+@needs_dataset
+def test_flux_full_fine_tune_exports_a_pipeline_diffusers_loads(flux_dreambooth_run, cache_dir):
+    result = flux_dreambooth_run
+    module = result["module"].eval()
+    assert module.transformer.is_gradient_checkpointing and module.cache_latents and module._latent_cache
+    pipe = FluxPipeline.from_pretrained(result["pipeline"])
+    for (key, a), b in zip(module.transformer.state_dict().items(), pipe.transformer.state_dict().values()):
+        assert torch.equal(a, b), key
+    base = load_components(result["base"], family="flux")
+    assert any(not torch.equal(a, b) for a, b in zip(base.transformer.parameters(), pipe.transformer.parameters()))
+    assert np.abs(render(pipe) - render(module.pipeline())).max() < 1e-4
+    keys = [m.read_text() for m in (cache_dir / "class_images").glob("*/manifest.json")]
+    assert any(result["base"] in k for k in keys)  # class images made by the FLUX pipeline of the base model
+    final = result["root"] / "final_samples" / "p00_00.png"
+    assert final.is_file()
+
+
+def lora_reproduces(family: str, result: dict, text_encoders: list[str]) -> None:
+    weights = load_file(Path(result["pipeline"]) / "pytorch_lora_weights.safetensors")
+    for prefix in ("transformer.", *(f"{name}." for name in text_encoders)):
+        assert any(k.startswith(prefix) for k in weights), prefix
+    module = result["module"].eval()
+    pipe = PIPELINES[family].from_pretrained(result["base"])
+    pipe.load_lora_weights(result["pipeline"])
+    ours = render(module.pipeline())
+    assert np.abs(render(pipe) - ours).max() < 1e-4
+    assert np.abs(render(PIPELINES[family].from_pretrained(result["base"])) - ours).max() > 1e-3  # adapters matter
+
+
+@needs_dataset
+def test_flux_lora_with_clip_loads_with_its_alpha_and_trains_the_text_encoder_slower(tmp_path, cache_dir):
+    overrides = ["method=lora", "method.alpha=8", "method.train_text_encoder=true", "module.optimizer.lr=1e-2"]
+    result = flow_run("flux", tmp_path, cache_dir, [*overrides, "trainer.max_steps=3"])
+    lora_reproduces("flux", result, ["text_encoder"])
+    module = result["module"]
+    assert not any(p.requires_grad for p in module.text_encoder_2.parameters())  # T5 stays frozen
+    groups = module.trainer.optimizers[0].param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-2, 1e-4), (5e-6, 1e-3)]
+    targets = result["cfg"].method.target_modules
+    assert "ff_context.net.2" in targets and "attn.to_add_out" in targets  # the flux script's targets
+
+
+@needs_dataset
+def test_sd3_trains_exports_and_its_lora_loads(tmp_path, cache_dir):
+    full = flow_run("sd3", tmp_path / "full", cache_dir, ["export.samples.prompts=[]"])
+    module = full["module"].eval()
+    pipe = StableDiffusion3Pipeline.from_pretrained(full["pipeline"])
+    assert np.abs(render(pipe) - render(module.pipeline())).max() < 1e-4
+    overrides = ["method=lora", "method.alpha=2", "method.train_text_encoder=true", "module.optimizer.lr=1e-2"]
+    lora = flow_run("sd3", tmp_path / "lora", cache_dir, [*overrides, "export.samples.prompts=[]", "trainer.max_steps=3"])
+    lora_reproduces("sd3", lora, ["text_encoder", "text_encoder_2"])
+    assert not any(p.requires_grad for p in lora["module"].text_encoder_3.parameters())
+
+
+@needs_dataset
+def test_free_text_encoders_caches_the_fixed_prompts_then_drops_the_encoders(tmp_path, cache_dir):
+    overrides = ["method=lora", "module.free_text_encoders=true", "export.samples.prompts=[]", "trainer.max_steps=2"]
+    result = flow_run("flux", tmp_path, cache_dir, overrides)
+    module = result["module"]
+    assert module.text_encoder_names == [] and not hasattr(module, "text_encoder_2")
+    assert set(module._text_cache) == {"a sks teapot", "a teapot"}
+    assert (Path(result["pipeline"]) / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "samples").exists() or not list((tmp_path / "samples").glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["module.optimizer._target_=bitsandbytes.optim.AdamW8bit"], "module.optimizer._target_=bitsandbytes"),
+        (["method=lora", "module.quantize_base=nf4"], "module.quantize_base=nf4: 4-bit"),
+        (["method=textual_inversion"], "textual_inversion is not offered for Flux.*T5"),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA-only options run on a GPU")
+def test_what_cannot_run_here_stops_before_any_work(tmp_path, overrides, message):
+    cfg = tiny_cfg("flux", tmp_path / "cache", overrides, output=tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        build_run(cfg)
+    assert not (tmp_path / "cache").exists()  # no model built, no class image made
+
+
+def test_textual_inversion_is_refused_on_sd3_with_why(sd3_tiny, cache_dir):
+    from dreambooth_pl.methods import TextualInversion
+
+    method = TextualInversion(initializer="teapot")
+    method.prompt_token("sks")
+    with pytest.raises(ValueError, match="StableDiffusion3.*T5.*method=lora"):
+        module_for("sd3", sd3_tiny, cache_dir, method=method)
+
+
+def test_flow_model_configs_are_consistent(tmp_path):
+    """flux_random / sd3_random are the published architectures; their widths must fit together."""
+    flux = compose_train(["model=flux_random"], tmp_path, tmp_path).model.pretrained
+    clip, t5 = flux.text_encoders.text_encoder, flux.text_encoders.text_encoder_2
+    assert flux.transformer.pooled_projection_dim == clip.hidden_size and flux.transformer.joint_attention_dim == t5.d_model
+    assert sum(flux.transformer.axes_dims_rope) == flux.transformer.attention_head_dim
+    assert flux.transformer.in_channels == 4 * flux.vae.latent_channels
+    sd3 = compose_train(["model=sd3_random"], tmp_path, tmp_path).model.pretrained
+    first, second, t5 = (sd3.text_encoders[n] for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+    assert sd3.transformer.pooled_projection_dim == first.projection_dim + second.projection_dim == 2048
+    assert sd3.transformer.joint_attention_dim == t5.d_model >= first.hidden_size + second.hidden_size
+    assert sd3.transformer.caption_projection_dim == sd3.transformer.num_attention_heads * sd3.transformer.attention_head_dim
+    for name in ("flux", "sd3"):
+        hub = compose_train([f"model={name}", "method=lora"], tmp_path, tmp_path)
+        assert hub.model.resolution == 1024 and hub.module.text_encoder_lr == 5e-6
+        assert hub.sampler.scheduler == "diffusers.FlowMatchEulerDiscreteScheduler"
+
+
+@needs_dataset
+def test_bench_runs_on_flux_tiny(tmp_path, cache_dir):
+    from dreambooth_pl.bench import run_bench
+    from tests.test_bench import compose_bench
+
+    overrides = ["model=flux_tiny", "subject=teapot", "bench.steps=2", "bench.warmup=1", "bench.images=2"]
+    cfg = compose_bench([*overrides, "prior.num_images=4", "sampler.num_inference_steps=2"], tmp_path, cache_dir)
+    cfg.bench.variants = {name: cfg.bench.variants[name] for name in ("plain_loop", "trainer")}
+    result = run_bench(cfg)
+    assert result["model"] == "flux_tiny" and all(row["steps_per_s"] > 0 for row in result["rows"])
