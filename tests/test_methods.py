@@ -180,3 +180,45 @@ def test_full_fine_tuning_with_the_text_encoder(tmp_path, cache_dir):
     )
     assert te_changed
     assert all(torch.equal(a, b) for a, b in zip(base.vae.parameters(), exported.vae.parameters(), strict=True))
+
+
+def test_lora_export_folds_alpha_into_every_target_not_only_attention(tmp_path, cache_dir):
+    """A target outside attention (the transformer blocks' 1x1 `proj_in`) has no diffusers name, so the file
+    keeps peft's `lora_B` names; alpha / rank must be folded into every one, or it loads at rank / alpha of
+    the trained scale. Every adapter must load: both targets change what the loaded UNet computes."""
+    overrides = ["method=lora", "method.alpha=8", "method.target_modules=[to_q,proj_in]", "module.optimizer.lr=1e-2"]
+    result = run(tmp_path, cache_dir, [*overrides, "trainer.max_steps=6"])
+    weights = load_file(Path(result["pipeline"]) / "pytorch_lora_weights.safetensors")
+    assert any("proj_in.lora_B" in k for k in weights) and any("to_q.lora_B" in k for k in weights)
+    trained = unet_output(result["module"].eval().unet)
+    loaded = load_pipeline(result["pipeline"], device="cpu").unet
+    assert {type(m).__name__ for n, m in loaded.named_modules() if n.endswith(("to_q", "proj_in"))} == {"Linear", "Conv2d"}
+    assert all(hasattr(m, "lora_B") for n, m in loaded.named_modules() if n.endswith(("to_q", "proj_in")))
+    assert (trained - unet_output(loaded)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("sdxl_tiny", [(1e-4, 1e-4), (5e-6, 1e-3)]),  # train_dreambooth_lora_sdxl.py's recipe
+        ("tiny", [(1e-4, 1e-2), (1e-4, 1e-2)]),  # no per-part recipe: one lr and weight decay
+    ],
+)
+def test_text_encoder_adapters_learn_at_their_own_rate_and_weight_decay(tmp_path, cache_dir, model, expected):
+    from dreambooth_pl.training import build_run
+
+    cfg = compose_train([*FAST, f"model={model}", "method=lora", "method.train_text_encoder=true"], tmp_path, cache_dir)
+    module = build_run(cfg).module
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == expected
+    text = {id(p) for e in module.text_encoders.values() for p in e.parameters() if p.requires_grad}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == text
+    before = [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups]
+    for p in module.trainable_parameters():
+        p.grad = torch.full_like(p, 0.5)
+    optimizer.step()
+    # AdamW's first step by hand: p (1 - lr wd) - lr g / (|g| + eps), with the bias-corrected moments g, g^2
+    for group, old in zip(optimizer.param_groups, before, strict=True):
+        lr, wd = group["lr"], group["weight_decay"]
+        for p, p0 in zip(group["params"], old, strict=True):
+            assert torch.allclose(p, p0 * (1 - lr * wd) - lr * 0.5 / (0.5 + 1e-8), atol=1e-9, rtol=0)

@@ -187,10 +187,15 @@ class ModelFamily:
         return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def lora_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """peft adapter names as this family's diffusers scripts write them (UNet families: diffusers names)."""
+        """peft adapter names as this family's diffusers scripts write them (UNet families: diffusers names).
+        Where a target has no diffusers name (`proj_in`, `ff.net.2`), every key keeps peft's: the loaders read
+        either naming, but a file mixing both loads only the peft-named adapters."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        return convert_state_dict_to_diffusers(state)
+        converted = convert_state_dict_to_diffusers(state)
+        if any(".lora_A." in k or ".lora_B." in k for k in converted):
+            return state
+        return converted
 
     def save_lora_weights(
         self,
