@@ -29,8 +29,18 @@ class SamplerSettings:
 
 
 def use_scheduler(pipe: StableDiffusionPipeline, scheduler: str) -> StableDiffusionPipeline:
-    """Swap in a sampler class, keeping the model's noise schedule."""
-    pipe.scheduler = get_class(scheduler).from_config(pipe.scheduler.config)
+    """Swap in a sampler class, keeping the model's noise schedule. Flow-matching pipelines (FLUX, SD3)
+    sample only with flow-matching schedulers: another one is refused by name, not by a failure mid-render."""
+    cls = get_class(scheduler)
+    flow = "FlowMatch" in type(pipe.scheduler).__name__
+    if flow != ("FlowMatch" in cls.__name__):
+        raise ValueError(
+            f"{type(pipe).__name__} comes with {type(pipe.scheduler).__name__}; {scheduler} cannot sample it. Set "
+            f"the sampler's scheduler (sampler.scheduler, eval.sampler.scheduler) to a "
+            f"{'flow-matching' if flow else 'diffusion'} one, e.g. "
+            f"{'diffusers.FlowMatchEulerDiscreteScheduler' if flow else 'diffusers.EulerAncestralDiscreteScheduler'}."
+        )
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
     return pipe
 
 

@@ -4,6 +4,7 @@ memory options."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -432,3 +433,26 @@ def test_bench_runs_on_flux_tiny(tmp_path, cache_dir):
     cfg.bench.variants = {name: cfg.bench.variants[name] for name in ("plain_loop", "trainer")}
     result = run_bench(cfg)
     assert result["model"] == "flux_tiny" and all(row["steps_per_s"] > 0 for row in result["rows"])
+
+
+@needs_dataset
+def test_evaluation_scores_the_flux_export(flux_dreambooth_run, tmp_path):
+    from dreambooth_pl.evaluate import evaluate_run
+    from tests.test_evaluate import METRIC_KEYS, QUICK, TEAPOT, compose_eval
+    from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
+
+    tiny = tiny_eval_overrides(tiny_embedding_models(tmp_path / "embedders"))
+    sampler = flux_dreambooth_run["cfg"].eval.sampler  # what model=flux_tiny sets for evaluation (model.eval_sampler)
+    assert (sampler.scheduler, sampler.resolution) == ("diffusers.FlowMatchEulerDiscreteScheduler", 64)
+    flow = [f"eval.sampler.{k}={sampler[k]}" for k in ("scheduler", "guidance_scale", "resolution")]
+    with pytest.raises(ValueError, match="FluxPipeline comes with FlowMatchEulerDiscreteScheduler.*eval.sampler.scheduler"):
+        evaluate_run(flux_dreambooth_run["pipeline"], str(tmp_path / "bad"), compose_eval([*tiny, *QUICK]).eval,
+                     str(TEAPOT), "teapot", "teapot", "sks")
+    eval_cfg = compose_eval([*tiny, *QUICK, *flow, "eval.images_per_prompt=2"]).eval
+    result = evaluate_run(
+        flux_dreambooth_run["pipeline"], str(tmp_path), eval_cfg, str(TEAPOT), "teapot", "teapot", "sks"
+    )
+    assert result["generated"] == 2 * 2 + 2
+    metrics = json.loads(Path(result["metrics_file"]).read_text())["metrics"]
+    for key in METRIC_KEYS:
+        assert np.isfinite(metrics[key]), key
