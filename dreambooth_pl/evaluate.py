@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from dreambooth_pl.families import family_of_pipeline
 from dreambooth_pl.config_utils import ConfigError, exit_on_config_error
 from dreambooth_pl.dreambench import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.export import read_run_info
@@ -199,7 +198,9 @@ def generate_missing(
         if not todo:
             return 0
         with loaded_pipeline(pipeline_dir, device, dtype) as pipe:
-            native = family_of_pipeline(type(pipe).__name__).native_resolution(pipe)
+            # the size the pipeline renders when none is given (FLUX's and SD3's keep it as default_sample_size)
+            sample_size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+            native = sample_size * pipe.vae_scale_factor
             settings = SamplerSettings(**{**sampler, "resolution": sampler["resolution"] or native})
             for index, image in render(
                 pipe, [j.prompt for j in todo], [j.seed for j in todo], settings, desc="eval images"

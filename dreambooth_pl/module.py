@@ -243,9 +243,9 @@ class DreamBoothModule(L.LightningModule):
     ) -> DreamBoothLoss:
         """Noise, timesteps: drawn at random unless given (tests and fixed-noise probes pass them)."""
         latents = self.encode_images(batch["pixel_values"], batch.get("cache_keys"))
-        if noise is None:  # in the latents' memory layout, as the diffusers scripts' randn_like draws it
-            noise = torch.randn_like(latents, generator=self.noise_generator)
-            noise = offset_noise(noise, self.noise_offset, self.noise_generator)
+        draw = {"generator": self.noise_generator, "device": latents.device}
+        if noise is None:  # in one layout whatever the latents' strides (cached or not), so runs repeat exactly
+            noise = offset_noise(torch.randn(latents.shape, **draw), self.noise_offset, self.noise_generator)
         if timesteps is None:
             timesteps = self.objective.timesteps(len(latents), self.noise_generator, latents.device)
         noisy = self.objective.add_noise(latents, noise, timesteps)

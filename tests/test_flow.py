@@ -152,6 +152,7 @@ def flux_reference_loss(parts, batch, prior_loss_weight, guidance_scale, max_seq
     vae = parts.vae
     model_input = vae.encode(batch["pixel_values"]).latent_dist.sample()
     model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
+    model_input = model_input.contiguous()  # see _script_latents_layout
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_image_ids = FluxPipeline._prepare_latent_image_ids(
         model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, "cpu", model_input.dtype
@@ -192,6 +193,12 @@ def flux_reference_loss(parts, batch, prior_loss_weight, guidance_scale, max_seq
     weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
     target = noise - model_input
     return _script_prior_loss(model_pred, target, weighting, prior_loss_weight)
+
+
+# _script_latents_layout: the scripts draw noise with randn_like(model_input), which follows the latents'
+# memory layout, and that depends on the convolution backend (here, on a CPU, the VAE returns channels-last
+# strides). The transcriptions make the latents contiguous first (values unchanged), so both draw the noise
+# in the standard layout, as our module does whether its latents come from the cache or not.
 
 
 def _script_prior_loss(model_pred, target, weighting, prior_loss_weight):
@@ -235,6 +242,7 @@ def sd3_reference_loss(parts, batch, prior_loss_weight, max_sequence_length, sch
     vae = parts.vae
     model_input = vae.encode(batch["pixel_values"]).latent_dist.sample()
     model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
+    model_input = model_input.contiguous()  # see _script_latents_layout
     noise = torch.randn_like(model_input)
     noise_scheduler_copy = FlowMatchEulerDiscreteScheduler.from_config(parts.noise_scheduler.config)
     u = compute_density_for_timestep_sampling(scheme, model_input.shape[0], logit_mean=0.0, logit_std=1.0, mode_scale=1.29)

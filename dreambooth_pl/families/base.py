@@ -182,10 +182,6 @@ class ModelFamily:
         conditioning = self.unet_conditioning(embeddings, original_sizes, crops_top_left, target_size)
         return denoiser(noisy, timesteps, **conditioning).sample
 
-    def native_resolution(self, pipe: DiffusionPipeline) -> int:
-        """The pixel size the pipeline renders when none is given."""
-        return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
     def lora_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """peft adapter names as this family's diffusers scripts write them (UNet families: diffusers names).
         Where a target has no diffusers name (`proj_in`, `ff.net.2`), every key keeps peft's: the loaders read

@@ -60,9 +60,6 @@ class FlowMatchingFamily(ModelFamily):
             )
         return FlowMatching(noise_scheduler, **options)
 
-    def native_resolution(self, pipe) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
-
     def lora_file_keys(self, state):
         return state  # the flux / sd3 scripts write peft's names; their pipelines' loaders read them
 
