@@ -90,7 +90,6 @@ class DreamBoothModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.scale_lr = scale_lr
         self.prior_weight = prior_weight
-        self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
         # Encode each fixed prompt and each image view once: the frozen encoders give the same answer
         # every step. The latent cache keeps the distribution's parameters, so sampling still happens.
