@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -37,6 +38,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_file(path, fsync=True) as handle:
             torch.save(checkpoint, handle)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with `last.ckpt` always the run's newest step.
+
+    Configured (conf/callbacks/default.yaml) to overwrite `last.ckpt` in place (no `last-v1.ckpt` beside a
+    resumed run's older one) and to keep no other file unless asked (`save_top_k`). Lightning saves the
+    last step at the end only when no periodic checkpoint was written before; here the final step is always
+    saved, so "train further" from `last.ckpt` starts where the run ended.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def checkpoint_step(path: str | Path, option: str = "ckpt_path") -> int:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from filelock import FileLock
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +29,7 @@ from torch import Tensor
 from dreambooth_pl.config_utils import ConfigError, exit_on_config_error
 from dreambooth_pl.dreambench import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.export import read_run_info
-from dreambooth_pl.files import atomic_file
+from dreambooth_pl.files import ProcessLock, atomic_file
 from dreambooth_pl.images import image_grid, is_readable_image, list_images, load_rgb, save_atomically
 from dreambooth_pl.loggers import close_loggers
 from dreambooth_pl.metrics import (
@@ -173,7 +172,7 @@ def generate_missing(
     }
     images_dir.mkdir(parents=True, exist_ok=True)
     # One process renders into a folder at a time; another evaluation of the same run waits, then reuses.
-    with FileLock(images_dir / LOCK_FILE):
+    with ProcessLock(images_dir / LOCK_FILE, "the evaluation images"):
         setting = {key: value for key, value in sampler.items() if key != "batch_size"}  # batching: rounding only
         manifest_path = images_dir / MANIFEST
         old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

@@ -17,7 +17,6 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from filelock import FileLock
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -29,6 +28,7 @@ from dreambooth_pl.export import (
     save_pipeline_atomically,
 )
 from dreambooth_pl.families import Components, family_of_pipeline, get_family
+from dreambooth_pl.files import ProcessLock
 from dreambooth_pl.network import server_reachable
 from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
 
@@ -248,7 +248,7 @@ def build_random_pipeline(
 
     # Jobs started together (SLURM tasks, parallel sweep jobs) build it once: the others wait, then load it.
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / f".{target.name}.lock"):
+    with ProcessLock(target.parent / f".{target.name}.lock", "the random-weight model being built"):
         if (target / "model_index.json").exists():
             return str(target)
         log.info("Building a random-weight pipeline in %s", target)

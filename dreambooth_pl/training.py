@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # (data.py) is what makes a mid-epoch resume exact, which Lightning's dataloader check cannot see.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+# A run folder is resumed in place by design (resume.py; one run at a time, under its lock).
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def prior_active(prior: DictConfig) -> bool:
