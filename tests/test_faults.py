@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dreambooth_pl.files import ProcessLock
-from tests.conftest import REPO
+from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
+from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 
 HOLD_LOCK = "import sys, time; from dreambooth_pl.files import ProcessLock; ProcessLock(sys.argv[1], 'x').acquire(); "
 
@@ -39,7 +40,8 @@ def hold(lock: Path, seconds: float) -> subprocess.Popen:
 
 def records(run: Path) -> dict[str, bytes]:
     """Every file of a run folder but its (emptied) lock file."""
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".run.lock"}
+    files = [p for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".run.lock"]
+    return {str(p.relative_to(run)): p.read_bytes() for p in files}
 
 
 def test_a_crafted_run_folder_cannot_run_code(tmp_path):
@@ -79,7 +81,8 @@ def test_a_second_run_in_a_folder_is_refused_and_a_dead_runs_lock_is_taken_over(
     holder.kill()  # SIGKILL: its pid stays in the lock file
     holder.wait()
     output = train_py([f"hydra.run.dir={run}", "trainer.max_steps=0"], tmp_path, expect=1)
-    assert f"Took over {run / '.run.lock'} (the run folder) from pid {holder.pid}, which is no longer running" in output
+    took_over = f"Took over {run / '.run.lock'} (the run folder) from pid {holder.pid}, which is no longer running"
+    assert took_over in output
     assert "trainer.max_steps=0 must be >= 1" in output  # then the run went on to its own checks
 
 
@@ -92,3 +95,47 @@ def test_a_waiting_process_says_what_it_waits_for_and_who_holds_it(tmp_path, cap
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
     assert waits and f"for the evaluation images ({lock}), held by pid {holder.pid}" in waits[0]
     assert "no longer running" not in caplog.text  # a clean release leaves nothing to take over
+
+
+@pytest.mark.slow  # a sweep that trains and evaluates: about a minute on a busy 2-core machine
+@needs_dataset
+def test_a_sweep_goes_on_after_a_failed_job_and_its_report_says_what_is_missing(tmp_path, cache_dir):
+    """Job 0 has a bad setting, job 1 trains and is evaluated; the base-model evaluation at the end fails
+    (as if the sweep were stopped there). The sweep still reports, lists the failed job and the missing base
+    row at the top, and exits 1 naming the job; `python -m dreambooth_pl.report` says the same."""
+    sweep = tmp_path / "sweep"
+    tiny = tiny_eval_overrides(tiny_embedding_models(tmp_path / "embedders"))
+    command = ["-m", *FAST, "trainer.max_steps=0,2", "eval.enabled=true", *tiny, "eval.num_prompts=2"]
+    command += ["eval.images_per_prompt=2", "eval.pres.num_images=2", "eval.sampler.num_inference_steps=2"]
+    command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
+    command += [f"hydra.sweep.dir={sweep}"]
+    command += ["+hydra.callbacks.report._target_=dreambooth_pl.report.SweepReport"]
+    command += [f"+hydra.callbacks.report.base_model={tmp_path / 'no-such-model'}"]
+    output = train_py(command, tmp_path, expect=1)
+    failure = "job 0 (trainer.max_steps=0) failed: Invalid config: trainer.max_steps=0 must be >= 1"
+    assert f"[sweep] 1 job(s) of {sweep} failed:\n  {failure.replace(' failed', '', 1)}" in output
+    assert (sweep / "1" / "eval" / "metrics.json").is_file()  # the sweep went on
+    report = (sweep / "report" / "report.md").read_text()
+    top = report.split("\n## Table 1")[0]
+    assert "## Missing from this report" in top and f"- {failure}" in top
+    assert "- base model row: not evaluated for teapot" in top
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dreambooth_pl.report", str(sweep), "-o", str(tmp_path / "again")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and f"- {failure}" in proc.stdout
+
+    fail_fast = tmp_path / "fail-fast"
+    output = train_py([*command[:-3], f"hydra.sweep.dir={fail_fast}", "fail_fast=true"], tmp_path, expect=1)
+    assert "fail_fast=true: stopping the sweep at job 0" in output and not (fail_fast / "1").exists()
+
+
+def test_a_damaged_metrics_file_is_named_and_left_out_of_the_report(tmp_path):
+    run = tmp_path / "run" / "eval"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text('{"metrics": {"dino": 0.5')
+    proc = subprocess.run([sys.executable, "-m", "dreambooth_pl.report", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{run / 'metrics.json'} is not a whole evaluation record (JSONDecodeError" in proc.stderr

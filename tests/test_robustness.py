@@ -152,7 +152,8 @@ def test_sigterm_saves_the_current_step_exits_non_zero_and_resumes_exactly(tmp_p
     assert not (run / "pipeline").exists()
 
     # no sigterm callback: the test's own callback is not code a run folder may ask for (resume.check_trusted)
-    proc = train_py([*resume_args(run, cache_dir), "ckpt_path=last", "++callbacks.sigterm=null"], tmp_path / "resumed.log")
+    resume = [*resume_args(run, cache_dir), "ckpt_path=last", "++callbacks.sigterm=null"]
+    proc = train_py(resume, tmp_path / "resumed.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert_same_run(straight_run, run)
 
