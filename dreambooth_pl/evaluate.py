@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from dreambooth_pl.config_utils import ConfigError, exit_on_config_error
+from dreambooth_pl.config_utils import ConfigError, exit_on_config_error, non_finite
 from dreambooth_pl.dreambench import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.export import read_run_info
 from dreambooth_pl.files import ProcessLock, atomic_file
@@ -213,14 +213,29 @@ def _grid(images: list[Image.Image], cols: int | None, cell: int) -> Image.Image
     )
 
 
-def _check(cfg: DictConfig) -> None:
-    problems = []
+def check_eval_config(cfg: DictConfig) -> None:
+    """Every number of the evaluation, checked before anything is rendered (train.py: before training)."""
+    problems = non_finite(cfg, "eval")
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         problems.append(f"eval.num_prompts={cfg.num_prompts} must be >= 1 (or null for all 25)")
     if not 1 <= cfg.images_per_prompt <= SEED_STRIDE:
         problems.append(f"eval.images_per_prompt={cfg.images_per_prompt} must be between 1 and {SEED_STRIDE}")
+    elif cfg.images_per_prompt < 2 and cfg.div.enabled:
+        problems.append(
+            f"eval.images_per_prompt={cfg.images_per_prompt}: DIV compares images of one prompt and needs at "
+            "least 2 (the paper uses 4); or set eval.div.enabled=false"
+        )
     if cfg.pres.num_images < 0:
         problems.append(f"eval.pres.num_images={cfg.pres.num_images} must be >= 0 (0: no PRES)")
+    resolution = cfg.sampler.resolution
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        problems.append(f"eval.sampler.resolution={resolution} must be a positive multiple of 8 (or null)")
+    for option in ("sampler.num_inference_steps", "sampler.batch_size", "embed_batch_size", "grid_cell_size"):
+        if OmegaConf.select(cfg, option) < 1:
+            problems.append(f"eval.{option}={OmegaConf.select(cfg, option)} must be >= 1")
+    for option in ("seed", "pres.seed"):
+        if not 0 <= OmegaConf.select(cfg, option) < 2**32:
+            problems.append(f"eval.{option}={OmegaConf.select(cfg, option)} must be between 0 and 2**32 - 1")
     if problems:
         raise ConfigError("Invalid eval config:\n  " + "\n  ".join(problems))
 
@@ -246,7 +261,7 @@ def evaluate_run(
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
-    _check(cfg)
+    check_eval_config(cfg)
     noun = class_noun if instance_class_noun is None else instance_class_noun
     prompt_set, prompts = subject_prompts(
         cfg.prompts_file, class_noun, identifier, noun, list(cfg.live_classes), cfg.num_prompts
@@ -261,7 +276,7 @@ def evaluate_run(
     require_reachable(cfg.clip.model, "eval.clip.model")
     dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
     clip = ClipEmbedder(cfg.clip.model, Preprocess(**_preprocess(cfg.clip)), cfg.embed_batch_size, cfg.device)
-    div_backend = choose_div_backend(cfg.div.backend)
+    div_backend = choose_div_backend(cfg.div.backend) if cfg.div.enabled else None
     distance = lpips_distance(cfg.div.lpips_net, cfg.device) if div_backend == "lpips" else cosine_distance
 
     generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
@@ -366,7 +381,7 @@ def _score(
 
     div_inputs = lpips_input(images) if div_backend == "lpips" else image_dino
     diversity = Diversity(distance)
-    for p in prompts:
+    for p in prompts if div_backend else []:
         diversity.update(div_inputs[[k for k, j in enumerate(jobs) if j.prompt_index == p.index]])
 
     metrics = {
@@ -374,7 +389,7 @@ def _score(
         "clip_i": _number(fidelity_clip.compute()),
         "clip_t": _number(alignment.compute()),
         "pres": _number(pres.compute()),
-        "div": _number(diversity.compute()),
+        "div": _number(diversity.compute()) if div_backend else None,
         "real_dino": _number(self_similarity(real_dino)),
         "real_clip_i": _number(self_similarity(real_clip)),
     }
@@ -394,7 +409,7 @@ def _score(
         }
         for k, j in enumerate(jobs)
     ]
-    per_div = diversity.per_item().tolist()
+    per_div = diversity.per_item().tolist() if div_backend else []
     per_prompt = [
         {
             "index": p.index,

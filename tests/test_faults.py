@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.files import ProcessLock
-from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
+from dreambooth_pl.training import check_config
+from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 
 HOLD_LOCK = "import sys, time; from dreambooth_pl.files import ProcessLock; ProcessLock(sys.argv[1], 'x').acquire(); "
@@ -139,3 +141,33 @@ def test_a_damaged_metrics_file_is_named_and_left_out_of_the_report(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dreambooth_pl.report", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{run / 'metrics.json'} is not a whole evaluation record (JSONDecodeError" in proc.stderr
+
+
+EVAL = ["eval.enabled=true"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["prior.weight=nan"], "prior.weight=nan must be a finite number"),  # NaN > 0 is False: PPL silently off
+        (["module.optimizer.lr=-1"], "module.optimizer.lr=-1 must be > 0"),
+        (["module.optimizer.lr=nan"], "module.optimizer.lr=nan must be a finite number"),
+        (["sampler.guidance_scale=inf"], "sampler.guidance_scale=inf must be a finite number"),
+        (["seed=-1"], "seed=-1 must be between 0 and 2**32 - 1"),
+        (["seed=4294967296"], "seed=4294967296 must be between 0 and 2**32 - 1"),
+        ([*EVAL, "eval.sampler.resolution=60"], "eval.sampler.resolution=60 must be a positive multiple of 8"),
+        ([*EVAL, "eval.images_per_prompt=1"], "eval.images_per_prompt=1: DIV compares images of one prompt"),
+        ([*EVAL, "eval.seed=-5"], "eval.seed=-5 must be between 0 and 2**32 - 1"),
+        ([*EVAL, "eval.sampler.num_inference_steps=0"], "eval.sampler.num_inference_steps=0 must be >= 1"),
+    ],
+)
+def test_every_number_is_checked_before_any_work(tmp_path, cache_dir, overrides, message):
+    cfg = compose_train([*FAST, *overrides], tmp_path, cache_dir)
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert message in str(err.value)
+
+
+def test_one_image_per_prompt_evaluates_without_div_when_asked(tmp_path, cache_dir):
+    no_div = [*FAST, *EVAL, "eval.images_per_prompt=1", "eval.div.enabled=false"]
+    check_config(compose_train(no_div, tmp_path, cache_dir))
