@@ -453,12 +453,14 @@ def _log_to(
 
 def find_export(run_dir: str | os.PathLike) -> Path:
     """The exported model of a training run: the subfolder holding dreambooth.json (pipeline/ when several)."""
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run_dir={str(run_dir)!r}: no such folder.")
     exports = sorted(path.parent for path in Path(run_dir).glob("*/dreambooth.json"))
     named = [p for p in exports if p.name == "pipeline"]
     if len(named) == 1 or len(exports) == 1:
         return (named or exports)[0]
     found = ", ".join(p.name for p in exports) or "none"
-    raise FileNotFoundError(
+    raise ConfigError(
         f"run_dir={str(run_dir)!r}: expected one exported folder with dreambooth.json, found {found}."
     )
 
@@ -467,6 +469,8 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     """The standalone job: resolve the export, the subject and the real photos, then `evaluate_run`."""
     if not (cfg.run_dir or cfg.pipeline):
         raise ConfigError("Set run_dir=<training run folder> or pipeline=<exported model folder>.")
+    if cfg.pipeline and not Path(cfg.pipeline).is_dir():
+        raise ConfigError(f"pipeline={cfg.pipeline!r}: no such folder.")
     pipeline = Path(cfg.pipeline) if cfg.pipeline else find_export(cfg.run_dir)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else pipeline.parent
     info = read_run_info(pipeline)

@@ -6,16 +6,39 @@ an export; what we write is given the mode the process's umask allows, as `open`
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dreambooth_pl.config_utils import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class DiskFull(ConfigError, OSError):
+    """A write that ran out of space; nothing partial was kept (the temporary file or folder is removed)."""
+
+    def __init__(self, path: str | os.PathLike, written: int):
+        free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+        super().__init__(
+            f"No space left on the device of {path}: writing it needs more than {written / 2**20:.1f} MiB "
+            f"({free / 2**20:.1f} MiB free there). Free some space and run again; nothing partial was kept."
+        )
+
+
+def disk_use(path: str | os.PathLike) -> int:
+    """Bytes in a file, or in a folder's files."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def current_umask() -> int:
@@ -48,6 +71,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) 
                 os.fsync(handle.fileno())
         umask_mode(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC and not isinstance(err, DiskFull):
+            raise DiskFull(path, disk_use(tmp)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

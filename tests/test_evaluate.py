@@ -183,7 +183,7 @@ def test_bad_eval_values_are_named(tmp_path):
         evaluate_run(str(tmp_path), str(tmp_path), cfg, str(tmp_path), "teapot", "teapot", "sks")
     with pytest.raises(ValueError, match="run_dir=.*pipeline="):
         evaluate_from_config(compose_eval([]))
-    with pytest.raises(FileNotFoundError, match="run_dir=.*found none"):
+    with pytest.raises(ValueError, match="run_dir=.*found none"):
         find_export(tmp_path)
 
 

@@ -3,18 +3,26 @@ what they wait for, sweeps that survive a failed job, every bad value and file n
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from diffusers import UNet2DConditionModel
 
 from dreambooth_pl.config_utils import ConfigError
-from dreambooth_pl.files import ProcessLock
-from dreambooth_pl.training import check_config
+from dreambooth_pl.dreambench import read_class_table, read_prompt_lists
+from dreambooth_pl.export import write_dir_atomically
+from dreambooth_pl.files import DiskFull, ProcessLock, atomic_file
+from dreambooth_pl.loggers import RUN_RECORD, read_run_record
+from dreambooth_pl.models import ModelNotReachable, from_pretrained_or_explain
+from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.training import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 
@@ -171,3 +179,80 @@ def test_every_number_is_checked_before_any_work(tmp_path, cache_dir, overrides,
 def test_one_image_per_prompt_evaluates_without_div_when_asked(tmp_path, cache_dir):
     no_div = [*FAST, *EVAL, "eval.images_per_prompt=1", "eval.div.enabled=false"]
     check_config(compose_train(no_div, tmp_path, cache_dir))
+
+
+# --------------------------------------------------------------------------- every file named
+
+
+def test_a_prompts_file_that_is_not_the_datasets_is_named(tmp_path):
+    binary, garbage = tmp_path / "binary.txt", tmp_path / "garbage.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    garbage.write_text("lorem ipsum\ndolor sit amet\n")
+    with pytest.raises(ConfigError, match=f"eval.prompts_file='{binary}' is not a text file"):
+        read_class_table(binary)
+    with pytest.raises(ConfigError, match=f"eval.prompts_file='{garbage}': found no `subject_name,class` table"):
+        read_class_table(garbage)
+    with pytest.raises(ConfigError, match=f"eval.prompts_file='{garbage}': found no Object Prompts"):
+        read_prompt_lists(garbage)
+
+
+def test_a_damaged_wandb_run_record_is_named(tmp_path):
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / RUN_RECORD).write_text('{"id": "ab')
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'wandb' / RUN_RECORD} is damaged .*Delete it"):
+        read_run_record(tmp_path)
+
+
+def test_a_local_embedding_model_without_its_config_stops_training_before_it_starts(tmp_path, cache_dir, monkeypatch):
+    """The toy world's dino/ without config.json: named up front, not after training and export."""
+    dino = tmp_path / "toyworld" / "dino"
+    dino.mkdir(parents=True)
+    (dino / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(DreamBoothModule, "__init__", lambda *a, **k: pytest.fail("loaded weights first"))
+    cfg = compose_train([*FAST, *EVAL, f"eval.dino.model={dino}"], tmp_path / "run", cache_dir)
+    with pytest.raises(ModelNotReachable, match=f"eval.dino.model='{dino}' is not a model folder"):
+        train(cfg)
+
+
+def test_a_truncated_weights_file_in_a_local_model_is_damaged_not_unreachable(tmp_path, tiny_pretrained):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pretrained, model)
+    (weights,) = (model / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelNotReachable) as err:
+        from_pretrained_or_explain(UNet2DConditionModel, str(model), "unet")
+    assert f"model.pretrained='{model}' is a damaged model folder" in str(err.value)
+    assert "hf download" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow  # two entry points started: about 40 s on a busy 2-core machine
+def test_evaluate_and_generate_name_a_missing_folder_by_its_option(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    missing = tmp_path / "no-such-run"
+    cases = [("evaluate", "run_dir", "no such folder"), ("generate", "generate.pipeline", "no exported model there")]
+    for module, option, problem in cases:
+        command = [sys.executable, "-m", f"dreambooth_pl.{module}", f"{option}={missing}", "logger.wandb=null"]
+        command = command[:-1] if module == "generate" else [*command, f"hydra.run.dir={tmp_path / 'log'}"]
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and f"{option}='{missing}': {problem}" in output, output[-3000:]
+        assert "Traceback" not in output
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_nothing_partial_is_kept(tmp_path):
+    def fills_up(folder: Path) -> None:
+        (folder / "weights.bin").write_bytes(b"x" * 3 * 2**20)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "pipeline"
+    with pytest.raises(DiskFull) as err:
+        write_dir_atomically(target, fills_up)
+    message = str(err.value)
+    assert message.startswith(f"No space left on the device of {target}: writing it needs more than 3.0 MiB (")
+    assert "\n" not in message and list(tmp_path.iterdir()) == []  # no staging folder left
+
+    image = tmp_path / "eval" / "images" / "p00_00.png"
+    with pytest.raises(DiskFull, match=f"No space left on the device of {image}"), atomic_file(image) as handle:
+        handle.write(b"png bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(image.parent.iterdir()) == []
