@@ -70,6 +70,24 @@ def checkpoint_step(path: str | Path, option: str = "ckpt_path") -> int:
         ) from None
 
 
+def check_checkpoint_fits(ckpt_path: str | None, module: L.LightningModule) -> None:
+    """A checkpoint of another architecture (an SDXL one in an SD run, allowed in by ckpt_allow_mismatch=true)
+    is refused before training, with its first misfit named, rather than with a state-dict traceback."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    own = module.state_dict()
+    unfit = [key for key, value in saved.items() if key not in own or own[key].shape != value.shape]
+    if unfit:
+        key = unfit[0]
+        detail = "not in this model" if key not in own else f"{tuple(saved[key].shape)}, here {tuple(own[key].shape)}"
+        raise CheckpointError(
+            f"ckpt_path={str(ckpt_path)!r} holds another model's weights: {len(unfit)} of its {len(saved)} tensors "
+            f"do not fit this model (first: {key}: {detail}). ckpt_allow_mismatch=true allows other settings, "
+            "not another architecture."
+        )
+
+
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | Path, output_dir: str | Path) -> str | None:
     """What `trainer.fit` should resume from, checked before any expensive work.
 

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dreambooth_pl.checkpoints import resolve_ckpt_path
+from dreambooth_pl.checkpoints import check_checkpoint_fits, resolve_ckpt_path
 from dreambooth_pl.config_utils import ConfigError, non_finite, resolve_path
 from dreambooth_pl.console import one_console_handler
 from dreambooth_pl.data import DreamBoothDataModule
@@ -216,6 +216,7 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
     for logger in loggers:
         logger.log_hyperparams({**run_config, "prompts": prompts})
 
+    check_checkpoint_fits(ckpt_path, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     result = {

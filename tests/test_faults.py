@@ -12,9 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from diffusers import UNet2DConditionModel
 
+from dreambooth_pl.checkpoints import CheckpointError
 from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.dreambench import read_class_table, read_prompt_lists
 from dreambooth_pl.export import write_dir_atomically
@@ -256,3 +259,14 @@ def test_a_full_disk_is_one_line_naming_the_path_and_nothing_partial_is_kept(tmp
         handle.write(b"png bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
     assert list(image.parent.iterdir()) == []
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_before_training(tmp_path, cache_dir, monkeypatch):
+    """ckpt_allow_mismatch=true lets other settings in, not weights of other shapes (an SDXL checkpoint in
+    an SD run): named before training instead of a state-dict traceback."""
+    other = tmp_path / "sdxl.ckpt"
+    torch.save({"global_step": 3, "state_dict": {"unet.conv_in.weight": torch.zeros(8, 4, 3, 3)}}, other)
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("started training"))
+    cfg = compose_train([*FAST, f"ckpt_path={other}", "ckpt_allow_mismatch=true"], tmp_path / "run", cache_dir)
+    with pytest.raises(CheckpointError, match=r"holds another model's weights: 1 of its 1 tensors .*unet.conv_in"):
+        train(cfg)
