@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 
 from dreambooth_pl.checkpoints import CheckpointError
 from dreambooth_pl.config_utils import ConfigError
@@ -25,9 +27,12 @@ from dreambooth_pl.files import DiskFull, ProcessLock, atomic_file
 from dreambooth_pl.loggers import RUN_RECORD, read_run_record
 from dreambooth_pl.models import ModelNotReachable, from_pretrained_or_explain
 from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.toyworld.pretrain import build
+from dreambooth_pl.toyworld.subjects import subject_views
 from dreambooth_pl.training import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
+from tests.test_toyworld import compose_toyworld
 
 HOLD_LOCK = "import sys, time; from dreambooth_pl.files import ProcessLock; ProcessLock(sys.argv[1], 'x').acquire(); "
 
@@ -270,3 +275,34 @@ def test_a_checkpoint_of_another_architecture_is_refused_before_training(tmp_pat
     cfg = compose_train([*FAST, f"ckpt_path={other}", "ckpt_allow_mismatch=true"], tmp_path / "run", cache_dir)
     with pytest.raises(CheckpointError, match=r"holds another model's weights: 1 of its 1 tensors .*unet.conv_in"):
         train(cfg)
+
+
+# --------------------------------------------------------------------------- the toyworld command
+
+
+def test_toyworld_stages_must_be_a_list_of_known_stages(tmp_path):
+    for stages, message in (("bogus", "stages='bogus' must be a list"), ("[bogus]", "['bogus'] unknown")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build(compose_toyworld([f"out_dir={tmp_path}", f"stages={stages}"]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_toyworld_subjects_stage_writes_all_subjects_or_none(tmp_path, monkeypatch):
+    """A disk that fills up at the third subject's photos: no dataset folder with 2 of 5 subjects."""
+    cfg = compose_toyworld([f"out_dir={tmp_path}", "stages=[subjects]", "data.size=32"])
+    real_save, saved = Image.Image.save, []
+
+    def fills_up(image, path, *args, **kwargs):
+        if len(saved) == 2 * len(subject_views(cfg.subjects[0])):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fills_up)
+    with pytest.raises(DiskFull, match=f"No space left on the device of {tmp_path / 'dataset'}"):
+        build(cfg)
+    assert list(tmp_path.iterdir()) == []  # nothing partial
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    build(cfg)
+    names = sorted(p.name for p in (tmp_path / "dataset").iterdir())
+    assert names == sorted([*(s.name for s in cfg.subjects), "prompts_and_classes.txt"])
