@@ -213,10 +213,13 @@ class RunRecord(Callback):
     def keep_record(self, record: Path) -> None:
         history = record / "history"
         target = history / str(len(list(history.glob("*"))) if history.is_dir() else 0)
-        target.mkdir(parents=True)
-        for name in RECORD_FILES:
-            if (record / name).is_file():
-                shutil.copy2(record / name, target / name)
+        try:
+            target.mkdir(parents=True)
+            for name in RECORD_FILES:
+                if (record / name).is_file():
+                    shutil.copy2(record / name, target / name)
+        except OSError as err:  # Hydra would overwrite the record next: stop instead
+            raise ConfigError(f"Cannot keep the record of {record} in {target} ({err}); not starting.") from None
         self.notes.append(f"The earlier record of this run folder is kept in {target}")
 
     @staticmethod
