@@ -3,14 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.config_utils import exit_on_config_error
+from dreambooth_pl.sweeps import run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from dreambooth_pl.training import train  # imported here so that `--help` answers without loading torch
 
-    exit_on_config_error(lambda: train(cfg))
+    run_entry_point(lambda: train(cfg), fail_fast=cfg.fail_fast)
 
 
 if __name__ == "__main__":

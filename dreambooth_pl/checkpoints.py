@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -39,6 +40,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, handle)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with `last.ckpt` always the run's newest step.
+
+    Configured (conf/callbacks/default.yaml) to overwrite `last.ckpt` in place (no `last-v1.ckpt` beside a
+    resumed run's older one) and to keep no other file unless asked (`save_top_k`). Lightning saves the
+    last step at the end only when no periodic checkpoint was written before; here the final step is always
+    saved, so "train further" from `last.ckpt` starts where the run ended.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def checkpoint_step(path: str | Path, option: str = "ckpt_path") -> int:
     """The training step a checkpoint holds; CheckpointError if the file is not a whole Lightning checkpoint.
 
@@ -53,6 +68,24 @@ def checkpoint_step(path: str | Path, option: str = "ckpt_path") -> int:
             f"{option}={str(path)!r} is not a readable checkpoint ({reason}: truncated, or not written by "
             "this project). Pass another .ckpt, or ckpt_path=last to take the newest readable one."
         ) from None
+
+
+def check_checkpoint_fits(ckpt_path: str | None, module: L.LightningModule) -> None:
+    """A checkpoint of another architecture (an SDXL one in an SD run, allowed in by ckpt_allow_mismatch=true)
+    is refused before training, with its first misfit named, rather than with a state-dict traceback."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    own = module.state_dict()
+    unfit = [key for key, value in saved.items() if key not in own or own[key].shape != value.shape]
+    if unfit:
+        key = unfit[0]
+        detail = "not in this model" if key not in own else f"{tuple(saved[key].shape)}, here {tuple(own[key].shape)}"
+        raise CheckpointError(
+            f"ckpt_path={str(ckpt_path)!r} holds another model's weights: {len(unfit)} of its {len(saved)} tensors "
+            f"do not fit this model (first: {key}: {detail}). ckpt_allow_mismatch=true allows other settings, "
+            "not another architecture."
+        )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | Path, output_dir: str | Path) -> str | None:

@@ -15,9 +15,8 @@ import logging
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
-from dreambooth_pl.files import atomic_file
+from dreambooth_pl.files import ProcessLock, atomic_file
 from dreambooth_pl.images import is_readable_image, save_atomically
 from dreambooth_pl.models import loaded_pipeline, model_fingerprint
 from dreambooth_pl.sampling import SamplerSettings, render
@@ -95,7 +94,7 @@ class ClassImageCache:
         folder.mkdir(parents=True, exist_ok=True)
         # One process per share of a folder generates; another run needing the same images waits on the
         # lock and then finds them made. Only the lock holder clears temporary files, so none in flight is.
-        with FileLock(folder / f".lock-{rank}-of-{world_size}"):
+        with ProcessLock(folder / f".lock-{rank}-of-{world_size}", f"the class images {prompt!r}"):
             return self._generate_missing(prompt, num_images, rank, world_size)
 
     def _generate_missing(self, prompt: str, num_images: int, rank: int, world_size: int) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
@@ -33,3 +34,23 @@ def exit_on_config_error(job: Callable[[], T]) -> T:
     except (ConfigError, MissingMandatoryValue) as err:
         logging.getLogger("dreambooth_pl").error("%s", err)
         sys.exit(1)
+
+
+def non_finite(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """A problem line for every NaN or infinite number in the config (NaN > 0 is False: it would pass every
+    range check and silently switch things off)."""
+    problems = []
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
+    for key in keys:
+        option = f"{prefix}.{key}" if prefix else str(key)
+        if option == "hydra":
+            continue
+        try:
+            value = cfg[key]
+        except Exception:  # a value that does not resolve here is checked where it is used
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            problems += non_finite(value, option)
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{option}={value} must be a finite number")
+    return problems

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.prompts import fill_prompt
 
 _FORMAT_CALL = re.compile(r"""^'(?P<template>.*)'\.format\(unique_token, class_token\),?$""")
@@ -33,16 +34,25 @@ def _read(path: str | os.PathLike, option: str) -> list[str]:
             f"{option}={str(path)!r}: no such file. It ships with the DreamBooth dataset "
             "(git clone --depth 1 https://github.com/google/dreambooth); set paths.dreambooth_root or the option."
         )
-    return [line.strip() for line in path.read_text().splitlines()]
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{option}={str(path)!r} is not a text file: expected the DreamBooth dataset's prompts_and_classes.txt."
+        ) from None
 
 
 def read_class_table(path: str | os.PathLike, option: str = "eval.prompts_file") -> dict[str, str]:
     """subject name -> class noun, from the `subject_name,class` table."""
     lines = _read(path, option)
+    if "subject_name,class" not in lines:
+        raise ConfigError(f"{option}={str(path)!r}: found no `subject_name,class` table in it.")
     table = {}
     for line in lines[lines.index("subject_name,class") + 1 :]:
         if not line:
             break
+        if "," not in line:
+            raise ConfigError(f"{option}={str(path)!r}: {line!r} in its class table is not `subject_name,class`.")
         name, noun = line.split(",", 1)
         table[name.strip()] = noun.strip()
     return table
@@ -58,7 +68,7 @@ def read_prompt_lists(path: str | os.PathLike, option: str = "eval.prompts_file"
         elif current is not None and (match := _FORMAT_CALL.match(line)):
             current.append(match["template"].replace("{0}", "{identifier}").replace("{1}", "{class_noun}"))
     if set(lists) != set(_SECTIONS.values()) or not all(lists.values()):
-        raise ValueError(f"{option}={str(path)!r}: found no {' and '.join(_SECTIONS)} lists in it.")
+        raise ConfigError(f"{option}={str(path)!r}: found no {' and '.join(_SECTIONS)} lists in it.")
     return lists
 
 

@@ -20,17 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from filelock import FileLock
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from dreambooth_pl.config_utils import ConfigError, exit_on_config_error
+from dreambooth_pl.config_utils import ConfigError, exit_on_config_error, non_finite
 from dreambooth_pl.dreambench import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.export import read_run_info
-from dreambooth_pl.files import atomic_file
+from dreambooth_pl.files import ProcessLock, atomic_file
 from dreambooth_pl.images import image_grid, is_readable_image, list_images, load_rgb, save_atomically
 from dreambooth_pl.loggers import close_loggers
 from dreambooth_pl.metrics import (
@@ -173,7 +172,7 @@ def generate_missing(
     }
     images_dir.mkdir(parents=True, exist_ok=True)
     # One process renders into a folder at a time; another evaluation of the same run waits, then reuses.
-    with FileLock(images_dir / LOCK_FILE):
+    with ProcessLock(images_dir / LOCK_FILE, "the evaluation images"):
         setting = {key: value for key, value in sampler.items() if key != "batch_size"}  # batching: rounding only
         manifest_path = images_dir / MANIFEST
         old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -216,14 +215,29 @@ def _grid(images: list[Image.Image], cols: int | None, cell: int) -> Image.Image
     )
 
 
-def _check(cfg: DictConfig) -> None:
-    problems = []
+def check_eval_config(cfg: DictConfig) -> None:
+    """Every number of the evaluation, checked before anything is rendered (train.py: before training)."""
+    problems = non_finite(cfg, "eval")
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         problems.append(f"eval.num_prompts={cfg.num_prompts} must be >= 1 (or null for all 25)")
     if not 1 <= cfg.images_per_prompt <= SEED_STRIDE:
         problems.append(f"eval.images_per_prompt={cfg.images_per_prompt} must be between 1 and {SEED_STRIDE}")
+    elif cfg.images_per_prompt < 2 and cfg.div.enabled:
+        problems.append(
+            f"eval.images_per_prompt={cfg.images_per_prompt}: DIV compares images of one prompt and needs at "
+            "least 2 (the paper uses 4); or set eval.div.enabled=false"
+        )
     if cfg.pres.num_images < 0:
         problems.append(f"eval.pres.num_images={cfg.pres.num_images} must be >= 0 (0: no PRES)")
+    resolution = cfg.sampler.resolution
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        problems.append(f"eval.sampler.resolution={resolution} must be a positive multiple of 8 (or null)")
+    for option in ("sampler.num_inference_steps", "sampler.batch_size", "embed_batch_size", "grid_cell_size"):
+        if OmegaConf.select(cfg, option) < 1:
+            problems.append(f"eval.{option}={OmegaConf.select(cfg, option)} must be >= 1")
+    for option in ("seed", "pres.seed"):
+        if not 0 <= OmegaConf.select(cfg, option) < 2**32:
+            problems.append(f"eval.{option}={OmegaConf.select(cfg, option)} must be between 0 and 2**32 - 1")
     if problems:
         raise ConfigError("Invalid eval config:\n  " + "\n  ".join(problems))
 
@@ -249,7 +263,7 @@ def evaluate_run(
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
-    _check(cfg)
+    check_eval_config(cfg)
     noun = class_noun if instance_class_noun is None else instance_class_noun
     prompt_set, prompts = subject_prompts(
         cfg.prompts_file, class_noun, identifier, noun, list(cfg.live_classes), cfg.num_prompts
@@ -264,7 +278,7 @@ def evaluate_run(
     require_reachable(cfg.clip.model, "eval.clip.model")
     dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
     clip = ClipEmbedder(cfg.clip.model, Preprocess(**_preprocess(cfg.clip)), cfg.embed_batch_size, cfg.device)
-    div_backend = choose_div_backend(cfg.div.backend)
+    div_backend = choose_div_backend(cfg.div.backend) if cfg.div.enabled else None
     distance = lpips_distance(cfg.div.lpips_net, cfg.device) if div_backend == "lpips" else cosine_distance
 
     generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
@@ -369,7 +383,7 @@ def _score(
 
     div_inputs = lpips_input(images) if div_backend == "lpips" else image_dino
     diversity = Diversity(distance)
-    for p in prompts:
+    for p in prompts if div_backend else []:
         diversity.update(div_inputs[[k for k, j in enumerate(jobs) if j.prompt_index == p.index]])
 
     metrics = {
@@ -377,7 +391,7 @@ def _score(
         "clip_i": _number(fidelity_clip.compute()),
         "clip_t": _number(alignment.compute()),
         "pres": _number(pres.compute()),
-        "div": _number(diversity.compute()),
+        "div": _number(diversity.compute()) if div_backend else None,
         "real_dino": _number(self_similarity(real_dino)),
         "real_clip_i": _number(self_similarity(real_clip)),
     }
@@ -397,7 +411,7 @@ def _score(
         }
         for k, j in enumerate(jobs)
     ]
-    per_div = diversity.per_item().tolist()
+    per_div = diversity.per_item().tolist() if div_backend else []
     per_prompt = [
         {
             "index": p.index,
@@ -441,12 +455,14 @@ def _log_to(
 
 def find_export(run_dir: str | os.PathLike) -> Path:
     """The exported model of a training run: the subfolder holding dreambooth.json (pipeline/ when several)."""
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run_dir={str(run_dir)!r}: no such folder.")
     exports = sorted(path.parent for path in Path(run_dir).glob("*/dreambooth.json"))
     named = [p for p in exports if p.name == "pipeline"]
     if len(named) == 1 or len(exports) == 1:
         return (named or exports)[0]
     found = ", ".join(p.name for p in exports) or "none"
-    raise FileNotFoundError(
+    raise ConfigError(
         f"run_dir={str(run_dir)!r}: expected one exported folder with dreambooth.json, found {found}."
     )
 
@@ -455,6 +471,8 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     """The standalone job: resolve the export, the subject and the real photos, then `evaluate_run`."""
     if not (cfg.run_dir or cfg.pipeline):
         raise ConfigError("Set run_dir=<training run folder> or pipeline=<exported model folder>.")
+    if cfg.pipeline and not Path(cfg.pipeline).is_dir():
+        raise ConfigError(f"pipeline={cfg.pipeline!r}: no such folder.")
     pipeline = Path(cfg.pipeline) if cfg.pipeline else find_export(cfg.run_dir)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else pipeline.parent
     info = read_run_info(pipeline)

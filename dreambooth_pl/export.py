@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.files import umask_mode
+from dreambooth_pl.files import DiskFull, disk_use, umask_mode
 
 RUN_INFO = "dreambooth.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -36,7 +37,12 @@ def write_dir_atomically(
     recover_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-{STAGING}-", dir=target.parent))
     try:
-        write(staging)
+        try:
+            write(staging)
+        except OSError as err:
+            if err.errno == errno.ENOSPC and not isinstance(err, DiskFull):
+                raise DiskFull(target, disk_use(staging)) from None
+            raise
         if run_info is not None:
             (staging / RUN_INFO).write_text(json.dumps(run_info, indent=2))
         umask_mode(staging)

@@ -8,8 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.config_utils import exit_on_config_error
-from dreambooth_pl.export import read_run_info, write_dir_atomically
+from dreambooth_pl.config_utils import ConfigError, exit_on_config_error
+from dreambooth_pl.export import RUN_INFO, read_run_info, write_dir_atomically
 from dreambooth_pl.images import image_grid
 from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.prompts import fill_prompt
@@ -54,7 +54,16 @@ def generate(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    exit_on_config_error(lambda: generate(**hydra.utils.instantiate(cfg.generate, _convert_="all")))
+    def job() -> Path:
+        folder = Path(cfg.generate.pipeline)  # Hydra has made the output folder beside it: it may exist, empty
+        if not any((folder / name).is_file() for name in (RUN_INFO, "model_index.json")):
+            raise ConfigError(
+                f"generate.pipeline={cfg.generate.pipeline!r}: no exported model there (no {RUN_INFO} or "
+                "model_index.json): pass a run's pipeline/, lora/ or textual_inversion/ folder."
+            )
+        return generate(**hydra.utils.instantiate(cfg.generate, _convert_="all"))
+
+    exit_on_config_error(job)
 
 
 if __name__ == "__main__":

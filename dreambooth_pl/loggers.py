@@ -69,7 +69,18 @@ def sweep_group_and_values() -> tuple[str | None, list[str]]:
 
 def read_run_record(save_dir: str | os.PathLike) -> dict | None:
     path = Path(save_dir) / "wandb" / RUN_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise ValueError("no run id")
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{path} is damaged ({type(err).__name__}: {err}): it names the W&B run this folder continues. "
+            "Delete it to continue in a new W&B run."
+        ) from None
+    return record
 
 
 def _choose_mode(mode: str, reachability_timeout: float) -> tuple[str, str | None]:

@@ -17,7 +17,6 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from filelock import FileLock
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -29,6 +28,7 @@ from dreambooth_pl.export import (
     save_pipeline_atomically,
 )
 from dreambooth_pl.families import Components, family_of_pipeline, get_family
+from dreambooth_pl.files import ProcessLock
 from dreambooth_pl.network import server_reachable
 from dreambooth_pl.vocab import build_clip_tokenizer, build_t5_tokenizer, clip_vocab_from_bpe, word_vocab
 
@@ -127,6 +127,14 @@ def require_reachable(model_id: str, option: str, revision: str | None = None, t
     from huggingface_hub import constants, try_to_load_from_cache
 
     if model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().exists() or model_id.count("/") > 1:
+        folder = Path(model_id).expanduser()
+        if not folder.is_dir():
+            raise ModelNotReachable(f"{option}={model_id!r}: no such folder.")
+        if not any((folder / name).is_file() for name in INDEX_FILES):
+            raise ModelNotReachable(
+                f"{option}={model_id!r} is not a model folder (no {' or '.join(INDEX_FILES)}): an incomplete copy? "
+                "Copy the model folder again."
+            )
         return
     if any(isinstance(try_to_load_from_cache(model_id, name, revision=revision), str) for name in INDEX_FILES):
         return
@@ -146,6 +154,11 @@ def from_pretrained_or_explain(cls, pretrained: str, subfolder: str | None, load
     except OSError as err:
         option = "model.pretrained" if subfolder else "model.vae"
         part = f"'{subfolder}' of {option}" if subfolder else option
+        if Path(pretrained).expanduser().is_dir():
+            raise ModelNotReachable(
+                f"{option}={pretrained!r} is a damaged model folder: {part} cannot be read "
+                f"({str(err).splitlines()[0]}). A truncated or interrupted copy? Copy the model folder again."
+            ) from None
         raise ModelNotReachable(
             f"Could not load {part}={pretrained!r}: {err}\n"
             f"{download_hint(option, pretrained)} Or use model=tiny, which needs no download."
@@ -281,7 +294,7 @@ def build_random_pipeline(
 
     # Jobs started together (SLURM tasks, parallel sweep jobs) build it once: the others wait, then load it.
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / f".{target.name}.lock"):
+    with ProcessLock(target.parent / f".{target.name}.lock", "the random-weight model being built"):
         if (target / "model_index.json").exists():
             return str(target)
         log.info("Building a random-weight pipeline in %s", target)

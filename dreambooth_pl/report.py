@@ -98,10 +98,29 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+class ReportInputError(ValueError):
+    """A file the report reads is damaged; it is named and left out."""
+
+
+def load_runs(files: list[Path]) -> tuple[list[dict], list[str]]:
+    """The runs that can be read, and a line for each file that cannot."""
+    runs, damaged = [], []
+    for path in files:
+        try:
+            runs.append(load_run(path))
+        except ReportInputError as err:
+            damaged.append(f"{err}: left out; evaluate the run again")
+    return runs, damaged
+
+
 def load_run(path: Path) -> dict:
     """One flat row: the metadata the report groups by, the metrics and where the run's grid is."""
-    record = json.loads(path.read_text())
-    meta = record["metadata"]
+    try:
+        record = json.loads(path.read_text())
+        meta = record["metadata"]
+        record["metrics"].items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ReportInputError(f"{path} is not a whole evaluation record ({type(err).__name__}: {err})") from None
     weight = meta.get("prior_weight")
     prior_weight = 0.0 if meta.get("prior_enabled") is False else (None if weight is None else float(weight))
     return {
@@ -271,7 +290,10 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path) -> dict[st
     files = find_metrics(paths)
     if not files:
         raise FileNotFoundError(f"No eval/metrics.json under {', '.join(map(str, paths))}: evaluate the runs first.")
-    runs = [load_run(f) for f in files]
+    runs, damaged = load_runs(files)
+    if not runs:
+        raise FileNotFoundError("No readable eval/metrics.json: " + "; ".join(damaged))
+    gaps = damaged + [line for path in map(Path, paths) if path.is_dir() for line in sweep_gaps(path, runs)]
     tables = build_tables(runs)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,7 +301,7 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path) -> dict[st
     drift = language_drift_grid(runs)
     if drift is not None:
         written["language_drift"] = save_atomically(drift, out / "language_drift.png")
-    written["report"].write_text(markdown(tables, runs, paths) + _drift_note(written))
+    written["report"].write_text(with_gaps(markdown(tables, runs, paths), gaps) + _drift_note(written))
     _write_csv(runs, [k for k in runs[0] if k != "pres_images"], written["runs"])
     for name, rows in tables.items():
         stats = [f"{m}_{s}" for m in TABLES[name]["metrics"] for s in ("mean", "se")]
@@ -298,13 +320,7 @@ def language_drift_grid(runs: list[dict], columns: int = 8) -> Image.Image | Non
 
     rows = []  # (label, run)
     for subject in sorted({r["subject"] for r in runs}):
-        mine = [r for r in runs if r["subject"] == subject and r["class_noun_condition"] == "correct"]
-        dreambooth = [r for r in mine if r["method"] == "dreambooth"]
-        trio = {
-            "base model": first([r for r in mine if r["method"] == BASE]),
-            "DreamBooth, no prior preservation (lambda=0)": first([r for r in dreambooth if r["prior_weight"] == 0]),
-            "DreamBooth, prior preservation (lambda=1)": first([r for r in dreambooth if (r["prior_weight"] or 0) > 0]),
-        }
+        trio = {name: first(candidates) for name, candidates in drift_candidates(runs, subject).items()}
         if all(trio.values()):
             rows += [(f"{subject}: {name}: {run['pres_prompt']!r}", run) for name, run in trio.items()]
     if not rows:
@@ -312,6 +328,67 @@ def language_drift_grid(runs: list[dict], columns: int = 8) -> Image.Image | Non
     count = min(columns, *(len(run["pres_images"]) for _, run in rows))
     images = [load_rgb(path) for _, run in rows for path in run["pres_images"][:count]]
     return image_grid(images, cols=count, row_labels=[label for label, _ in rows])
+
+
+def drift_candidates(runs: list[dict], subject: str) -> dict[str, list[dict]]:
+    """A subject's runs that can fill each row of its language-drift grid."""
+    mine = [r for r in runs if r["subject"] == subject and r["class_noun_condition"] == "correct"]
+    dreambooth = [r for r in mine if r["method"] == "dreambooth"]
+    return {
+        "base model": [r for r in mine if r["method"] == BASE],
+        "DreamBooth, no prior preservation (lambda=0)": [r for r in dreambooth if r["prior_weight"] == 0],
+        "DreamBooth, prior preservation (lambda=1)": [r for r in dreambooth if (r["prior_weight"] or 0) > 0],
+    }
+
+
+def sweep_gaps(sweep_dir: Path, runs: list[dict]) -> list[str]:
+    """What a sweep's report lacks: failed jobs, jobs without an evaluation, subjects without a base-model
+    row, language-drift rows that cannot be drawn. Empty for a folder that is not a sweep."""
+    from dreambooth_pl.sweeps import expected_jobs, failed_jobs, one_line
+
+    if not (sweep_dir / "multirun.yaml").is_file():
+        return []
+    gaps = []
+    failed = failed_jobs(sweep_dir)
+    for record in failed:
+        gaps.append(f"job {record['job']} ({' '.join(record['overrides'])}) failed: {one_line(record['error'])}")
+    evaluated = {Path(r["run"]).resolve() for r in runs}
+    failed_folders = {Path(r["folder"]).resolve() for r in failed if "folder" in r}
+    hydra = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra, resolve=False)
+    jobs = expected_jobs(sweep_dir) if hydra["sweep"]["subdir"] == "${hydra.job.num}" else None
+    if jobs is None:
+        gaps.append(f"the sweep's jobs cannot be listed from {sweep_dir / 'multirun.yaml'}: missing jobs not checked")
+    for num, overrides in enumerate(jobs or []):
+        folder = (sweep_dir / str(num)).resolve()
+        if folder in evaluated or folder in failed_folders:
+            continue
+        state = "never started" if not folder.is_dir() else "no eval/metrics.json (stopped, or not evaluated)"
+        gaps.append(f"job {num} ({' '.join(overrides)}): {state}")
+    subjects = sorted({r["subject"] for r in runs if r["method"] != BASE})
+    reports = [c for c in (hydra.get("callbacks") or {}).values() if "SweepReport" in str(c.get("_target_"))]
+    if any(c.get("base_model") for c in reports):
+        base = {r["subject"] for r in runs if r["method"] == BASE}
+        missing = [s for s in subjects if s not in base]
+        if missing:
+            gaps.append(
+                f"base model row: not evaluated for {', '.join(missing)} (the sweep stopped or failed "
+                "in its base-model evaluation): Table 1's base row and the drift grid lack them"
+            )
+    for subject in subjects:
+        rows = drift_candidates(runs, subject)
+        lacking = [name for name, candidates in rows.items() if not any(r["pres_images"] for r in candidates)]
+        if lacking and len(lacking) < len(rows):
+            gaps.append(f"language-drift grid: no rows for {subject} (missing: {'; '.join(lacking)})")
+    return gaps
+
+
+def with_gaps(report: str, gaps: list[str]) -> str:
+    """The report with what it lacks listed under its title, before any table."""
+    if not gaps:
+        return report
+    title, _, rest = report.partition("\n")
+    section = ["", "## Missing from this report", "", *(f"- {gap}" for gap in gaps)]
+    return "\n".join([title, *section, ""]) + rest
 
 
 def _drift_note(written: dict[str, Path]) -> str:
@@ -333,13 +410,14 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        runs = [load_run(f) for f in find_metrics([sweep_dir])]
+        runs, _ = load_runs(find_metrics([sweep_dir]))
         if not runs:
             print(f"[report] no evaluated runs under {sweep_dir}: nothing to report")
             return
+        written = write_report([sweep_dir], sweep_dir / "report")  # a stop during the base evaluation keeps it
         if self.base_model:
             self.evaluate_base(config, sweep_dir, [r for r in runs if r["method"] != BASE])
-        written = write_report([sweep_dir], sweep_dir / "report")
+            written = write_report([sweep_dir], sweep_dir / "report")
         print(f"[report] {written['report']}")
 
     def evaluate_base(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:

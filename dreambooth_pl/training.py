@@ -14,11 +14,11 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dreambooth_pl.checkpoints import resolve_ckpt_path
-from dreambooth_pl.config_utils import ConfigError, resolve_path
+from dreambooth_pl.checkpoints import check_checkpoint_fits, resolve_ckpt_path
+from dreambooth_pl.config_utils import ConfigError, non_finite, resolve_path
 from dreambooth_pl.console import one_console_handler
 from dreambooth_pl.data import DreamBoothDataModule
-from dreambooth_pl.evaluate import evaluate_run, run_meta_from_config
+from dreambooth_pl.evaluate import check_eval_config, evaluate_run, run_meta_from_config
 from dreambooth_pl.export import recover_exports
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # (data.py) is what makes a mid-epoch resume exact, which Lightning's dataloader check cannot see.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+# A run folder is resumed in place by design (resume.py; one run at a time, under its lock).
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def prior_active(prior: DictConfig) -> bool:
@@ -43,7 +45,15 @@ def prior_active(prior: DictConfig) -> bool:
 
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would only fail after minutes of work."""
-    problems = []
+    problems = non_finite(cfg)
+    if not 0 <= cfg.seed < 2**32:
+        problems.append(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
+    lr = OmegaConf.select(cfg, "module.optimizer.lr")
+    if lr is not None and not lr > 0:
+        problems.append(f"module.optimizer.lr={lr} must be > 0")
+    for option in ("sampler.num_inference_steps", "sampler.batch_size"):
+        if OmegaConf.select(cfg, option) < 1:
+            problems.append(f"{option}={OmegaConf.select(cfg, option)} must be >= 1")
     if cfg.model.resolution <= 0:
         problems.append(f"model.resolution={cfg.model.resolution} must be > 0")
     elif cfg.model.resolution % 8:
@@ -52,8 +62,6 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     if cfg.sampler.resolution != cfg.model.resolution and (cfg.sampler.resolution % 8 or cfg.sampler.resolution < 8):
         problems.append(f"sampler.resolution={cfg.sampler.resolution} must be a positive multiple of 8")
-    if cfg.eval.enabled and cfg.eval.sampler.resolution and cfg.eval.sampler.resolution % 8:
-        problems.append(f"eval.sampler.resolution={cfg.eval.sampler.resolution} must be a multiple of 8 (or null)")
     if cfg.eval.enabled and not os.path.isfile(cfg.eval.prompts_file):
         problems.append(f"eval.prompts_file={cfg.eval.prompts_file!r} does not exist (the dataset's prompt list)")
     if cfg.trainer.max_steps < 1:
@@ -69,6 +77,8 @@ def check_config(cfg: DictConfig) -> None:
     problems += family_problems(cfg)
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+    if cfg.eval.enabled:
+        check_eval_config(cfg.eval)
     instance = instance_templates(cfg)
     instance_options = (
         ["prompts.instance"] if len(instance) == 1 else [f"prompts.instance[{i}]" for i in range(len(instance))]
@@ -226,6 +236,7 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
     for logger in loggers:
         logger.log_hyperparams({**run_config, "prompts": prompts})
 
+    check_checkpoint_fits(ckpt_path, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     result = {

@@ -231,7 +231,8 @@ def test_ddp_resumes_mid_epoch_to_the_same_weights(tmp_path, cache_dir):
         f"paths.dreambooth_root={DREAMBOOTH_ROOT}",
     ]
     # 5 teapot photos on 2 ranks: 2 steps an epoch, so the step-3 checkpoint is mid-epoch.
-    straight = [*common, "callbacks.checkpoint.every_n_train_steps=3", f"hydra.run.dir={tmp_path / 'straight'}"]
+    straight = [*common, "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1"]
+    straight.append(f"hydra.run.dir={tmp_path / 'straight'}")
     train_py(straight, tmp_path)
     (checkpoint,) = (tmp_path / "straight" / "checkpoints").glob("*step=3.ckpt")
     train_py([*common, f"ckpt_path='{checkpoint}'", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path)

@@ -48,6 +48,7 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
         *tiny,
         *QUICK,
         "eval.images_per_prompt=1",
+        "eval.div.enabled=false",  # one image per prompt: no pair for DIV
         f"hydra.sweep.dir={sweep}",
         f"paths.cache_dir={cache_dir}",
         f"paths.dreambooth_root={DREAMBOOTH_ROOT}",

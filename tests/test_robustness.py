@@ -151,9 +151,45 @@ def test_sigterm_saves_the_current_step_exits_non_zero_and_resumes_exactly(tmp_p
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 38
     assert not (run / "pipeline").exists()
 
-    proc = train_py([*resume_args(run, cache_dir), "ckpt_path=last"], tmp_path / "resumed.log")
+    # no sigterm callback: the test's own callback is not code a run folder may ask for (resume.check_trusted)
+    resume = [*resume_args(run, cache_dir), "ckpt_path=last", "++callbacks.sigterm=null"]
+    proc = train_py(resume, tmp_path / "resumed.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert_same_run(straight_run, run)
+
+
+@pytest.mark.slow  # three train.py runs: about 2 minutes on a busy 2-core machine
+@needs_dataset
+def test_last_ckpt_is_always_the_newest_step_and_training_further_continues_the_run(tmp_path, cache_dir):
+    """SIGTERM at step 4, resume to step 7, then "train further" from `<run>/checkpoints/last.ckpt` (from
+    another folder, no hydra.run.dir) to step 9: one checkpoint file throughout, always the newest step, and
+    the further training continues that run in its own folder with no step lost or repeated."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    common = [*FAST, "export.samples.prompts=[]", "logger=csv", "trainer.log_every_n_steps=1"]
+    common += ["callbacks.checkpoint.every_n_train_steps=3", f"paths.cache_dir={cache_dir}"]
+    common += [f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
+    last = run / "checkpoints" / "last.ckpt"
+    sigterm = ["+callbacks.sigterm._target_=tests.test_robustness.SigtermAtStep", "+callbacks.sigterm.step=3"]
+    proc = train_py([*common, "trainer.max_steps=7", f"hydra.run.dir={run}", *sigterm], tmp_path / "a.log")
+    assert proc.wait(timeout=600) == 143, (tmp_path / "a.log").read_text()[-3000:]
+    assert checkpoint_step(last) == 4
+
+    resume = [*common, "trainer.max_steps=7", f"hydra.run.dir={run}", "ckpt_path=last", "++callbacks.sigterm=null"]
+    proc = train_py(resume, tmp_path / "b.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    assert checkpoint_step(last) == 7  # not a `last-v1.ckpt` beside a stale last.ckpt
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # one checkpoint file per run
+
+    proc = train_py([f"ckpt_path={last}", "trainer.max_steps=9"], elsewhere / "c.log")
+    assert proc.wait(timeout=600) == 0, (elsewhere / "c.log").read_text()[-3000:]
+    out = (elsewhere / "c.log").read_text()
+    assert f"is a checkpoint of the run in {run}: training that run further" in out
+    assert "exists and is not empty" not in out and "dirpath has changed" not in out
+    assert [p.name for p in elsewhere.iterdir()] == ["c.log"]  # no new run folder
+    assert checkpoint_step(last) == 9 and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+    assert [s for s, _ in csv_losses(run)] == list(range(9))  # steps 0-8, each once
+    assert json.loads((run / "pipeline" / "dreambooth.json").read_text())["steps"] == 9
 
 
 def test_killed_class_image_generation_leaves_only_complete_images(tmp_path, tiny_pretrained):
@@ -373,7 +409,7 @@ def test_a_checkpoint_file_is_always_whole_even_on_a_full_disk(tmp_path, monkeyp
 @needs_dataset
 def test_resume_from_last_skips_an_unreadable_checkpoint(tmp_path, cache_dir, caplog):
     first = [*FAST, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2", "export.enabled=false"]
-    train(compose_train(first, tmp_path, cache_dir))
+    train(compose_train([*first, "callbacks.checkpoint.save_top_k=1"], tmp_path, cache_dir))  # keeps step 4 too
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # what a full disk left before checkpoints were written whole
     (readable,) = tmp_path.glob("checkpoints/epoch=*-step=4.ckpt")

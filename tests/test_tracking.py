@@ -157,6 +157,9 @@ def test_merge_overrides_replaces_same_keys_and_appends_new_ones():
         "hydra.run.dir=/r",
         "ckpt_path=last",
     ]
+    # a key given twice in the saved command (a preset's value, then the user's) takes the new value once
+    saved = ["trainer.max_steps=4", "seed=1", "trainer.max_steps=7"]
+    assert merge_overrides(saved, ["trainer.max_steps=9"]) == ["trainer.max_steps=9", "seed=1"]
 
 
 def test_config_errors_print_the_message_without_a_traceback(tmp_path, cache_dir):

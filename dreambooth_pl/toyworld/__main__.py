@@ -5,12 +5,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from dreambooth_pl.config_utils import exit_on_config_error
 from dreambooth_pl.toyworld.pretrain import build
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="toyworld")
 def main(cfg: DictConfig) -> None:
-    build(cfg)
+    exit_on_config_error(lambda: build(cfg))
 
 
 if __name__ == "__main__":

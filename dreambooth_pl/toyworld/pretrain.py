@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTModel
 
+from dreambooth_pl.config_utils import ConfigError
 from dreambooth_pl.export import save_pipeline_atomically, write_dir_atomically
 from dreambooth_pl.families import Components, get_family
 from dreambooth_pl.images import image_grid, save_atomically
@@ -473,9 +474,11 @@ class CaptionReader:
 
 def build(cfg: DictConfig) -> dict:
     """Run the selected stages in order; print each one's time; return their losses and the probe."""
+    if not isinstance(cfg.stages, ListConfig):
+        raise ConfigError(f"stages={cfg.stages!r} must be a list, e.g. stages=[vae,clip]: choose from {list(STAGES)}")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"toyworld stages {unknown} unknown: choose from {list(STAGES)}")
+        raise ConfigError(f"toyworld stages {unknown} unknown: choose from {list(STAGES)}")
     out = Path(cfg.out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -52,15 +52,14 @@ def prompts_and_classes(subjects: Sequence[DictConfig]) -> str:
 
 
 def write_subjects(subjects: Sequence[DictConfig], dataset_dir: str | Path, size: int) -> Path:
-    dataset = Path(dataset_dir)
-    for spec in subjects:
-        inst = subject_instance(spec)
-        views = [scenes.render(inst, view, size) for view in subject_views(spec)]
+    """The whole dataset folder at once (every subject and the prompts file, or the old folder untouched)."""
 
-        def write(staging: Path, views=views) -> None:
-            for i, image in enumerate(views):
-                image.save(staging / f"{i:02d}.png")
+    def write(staging: Path) -> None:
+        for spec in subjects:
+            inst = subject_instance(spec)
+            (staging / spec.name).mkdir()
+            for i, view in enumerate(subject_views(spec)):
+                scenes.render(inst, view, size).save(staging / spec.name / f"{i:02d}.png")
+        (staging / "prompts_and_classes.txt").write_text(prompts_and_classes(subjects))
 
-        write_dir_atomically(dataset / spec.name, write)
-    (dataset / "prompts_and_classes.txt").write_text(prompts_and_classes(subjects))
-    return dataset
+    return write_dir_atomically(dataset_dir, write)
