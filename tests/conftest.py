@@ -23,9 +23,11 @@ SYNTHETIC_PROMPTS = ["in the jungle", "in the snow", "on the beach"] + [f"in tes
 
 
 def _project_dreambooth_root() -> Path:
-    """Where `python train.py` looks (conf/paths: $DREAMBOOTH_ROOT, else data/dreambooth beside the repo root)."""
-    root = Path(OmegaConf.load(REPO / "conf" / "paths" / "default.yaml").dreambooth_root)
-    return root if root.is_absolute() else REPO / root
+    """Where `python train.py` looks (conf/paths: $DREAMBOOTH_ROOT, else data/dreambooth in the project)."""
+    import dreambooth_pl  # noqa: F401  (registers the ${project_root:} resolver)
+
+    paths = OmegaConf.create({"paths": OmegaConf.load(REPO / "conf" / "paths" / "default.yaml")})
+    return Path(paths.paths.dreambooth_root)
 
 
 def synthetic_dreambooth_root(root: Path) -> Path:

@@ -105,7 +105,7 @@ def test_ddp_matches_one_process_on_the_same_global_batch(tmp_path, cache_dir, t
         "data.batch_size=1",
     ]
     # The default, time-stamped run folder: the re-run rank-1 process must find the same one.
-    train_py([*COMPARABLE, *paths, *ddp], cwd=tmp_path / "ddp")
+    train_py([*COMPARABLE, *paths, *ddp, f"paths.log_dir={tmp_path / 'ddp' / 'logs'}"], cwd=tmp_path)
     (run,) = (tmp_path / "ddp" / "logs" / "train" / "runs" / "teapot").iterdir()
     one = ["data.batch_size=2"]
     train_py([*COMPARABLE, *paths, *one, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,24 @@ def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
     assert "| *paper* | DreamBooth (Imagen) w/ PPL |" in text and "![language drift](language_drift.png)" in text
     drift = Image.open(report / "language_drift.png")
     assert drift.width == 2 * 64  # eval.pres.num_images=2 images of 64 px per row: base, lambda 0, lambda 1
+
+
+def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
+    """`python train.py -m ablation=ppl` as a user types it, cut to a few steps and images: both jobs are
+    evaluated, the base model too, the report with the drift grid is in the sweep folder, which (and so the
+    W&B group) is named after the ablation."""
+    args = ["-m", "ablation=ppl", "logger=wandb", "trainer.max_steps=2", "prior.num_images=2"]
+    args += ["sampler.num_inference_steps=2", "callbacks.samples.every_n_steps=0", "export.samples.prompts=[]"]
+    args += [*QUICK, "eval.images_per_prompt=2", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run_train_py([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, {"WANDB_MODE": "offline"})
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert sweep.name.startswith("ablation_ppl-")
+    for job in ("0", "1"):
+        assert (sweep / job / "eval" / "metrics.json").is_file()
+        assert json.loads((sweep / job / "wandb" / "dreambooth_run.json").read_text())["group"] == sweep.name
+    runs = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
+    trained = sorted((r["method"], r["prior_weight"]) for r in runs)
+    assert trained == [("base", ""), ("dreambooth", "0.0"), ("dreambooth", "1.0")]
+    assert (sweep / "report" / "language_drift.png").is_file()
+    assert f"[report] {sweep / 'report' / 'report.md'}" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("DIV IS NOT LPIPS") <= 1  # once per sweep, not per evaluation
