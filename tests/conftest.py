@@ -101,8 +101,12 @@ needs_real_dataset = pytest.mark.skipif(not REAL_DATASET, reason=DATASET_SOURCE)
 needs_clip_bpe = pytest.mark.skipif(not CLIP_BPE.is_file(), reason=CLIP_BPE_MISSING)
 
 
-def pytest_report_header(config) -> list[str]:
-    return [f"data: {DATASET_SOURCE}", f"CLIP BPE: {CLIP_BPE if CLIP_BPE.is_file() else CLIP_BPE_MISSING}"]
+def pytest_sessionstart(session) -> None:
+    """Where the data came from, first, also under `-q` (which hides pytest's own report header)."""
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(f"data: {DATASET_SOURCE}")
+        terminal.write_line(f"CLIP BPE: {CLIP_BPE if CLIP_BPE.is_file() else CLIP_BPE_MISSING}")
 
 
 # A fast but complete run: a dataset subject, a few class images, few sampler steps, no periodic grids.
