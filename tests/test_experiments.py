@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -71,6 +72,7 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
     assert all(-1 <= float(r["dino_mean"]) <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
     """experiment=toy_paper as a user runs it, cut to 1 subject, 1 seed and a few steps: every toy_row trains
     and is evaluated, then the sweep's end evaluates the base model and writes the report with the drift grid."""
@@ -112,6 +114,7 @@ def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
     assert drift.width == 2 * 64  # eval.pres.num_images=2 images of 64 px per row: base, lambda 0, lambda 1
 
 
+@pytest.mark.slow
 def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
     """`python train.py -m ablation=ppl` as a user types it, cut to a few steps and images: both jobs are
     evaluated, the base model too, the report with the drift grid is in the sweep folder, which (and so the

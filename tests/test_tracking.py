@@ -167,6 +167,7 @@ def test_config_errors_print_the_message_without_a_traceback(tmp_path, cache_dir
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_unreachable_models_fail_in_seconds_before_any_class_image(tmp_path, cache_dir):
     """Offline with eval.enabled, and a hub model with the Hub out of reach: stop before the first class image."""
     prompts = tmp_path / "prompts_and_classes.txt"
@@ -276,6 +277,7 @@ def test_dashboard_offline_prints_the_report_it_would_create(sweep):
     assert len(grid.panels) == len(panels) and grid.runsets[0].groupby == ["config.prior.weight"]
 
 
+@pytest.mark.slow
 def test_a_failed_job_ends_its_wandb_run_and_the_next_job_gets_its_own(tmp_path, cache_dir):
     """Job 0 fails after its W&B run started (its evaluation's prompt file holds no prompt lists, which is
     read only when it evaluates); job 1 (no evaluation), in the same process, must get a run of its own."""
