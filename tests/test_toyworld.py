@@ -191,7 +191,9 @@ def test_toy_prompts_file_reads_as_the_dreambench_format():
 
 @needs_toyworld
 def test_toy_configs_point_at_the_shipped_world(tmp_path):
-    assert compose_train([], tmp_path, tmp_path).paths.toyworld_dir == "toyworld"  # the repo's folder
+    default = compose_train([], tmp_path, tmp_path)
+    assert default.paths.toyworld_dir == str(REPO / "toyworld")  # the project's folder, from any working directory
+    assert default.eval.clip.model == str(REPO / "toyworld" / "clip")  # model=toy brings eval=toy
     overrides = ["model=toy", "subject=toy_teapot", "eval=toy", f"paths.toyworld_dir={TOYWORLD}"]
     cfg = compose_train(overrides, tmp_path, tmp_path)
     assert Path(cfg.model.pretrained) == TOYWORLD / "pipeline"
@@ -199,7 +201,7 @@ def test_toy_configs_point_at_the_shipped_world(tmp_path):
     assert Path(cfg.eval.prompts_file) == TOYWORLD / "dataset" / "prompts_and_classes.txt"
     assert Path(cfg.eval.dino.model) == TOYWORLD / "dino"
     assert Path(cfg.eval.clip.model) == TOYWORLD / "clip"
-    assert cfg.eval.num_prompts is None and cfg.eval.images_per_prompt == 4  # the rest of the protocol stays
+    assert cfg.eval.num_prompts is None and cfg.eval.images_per_prompt == 2  # 4 in experiment=toy_paper
 
 
 @needs_toyworld
