@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
@@ -54,3 +57,21 @@ def non_finite(cfg: DictConfig, prefix: str = "") -> list[str]:
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{option}={value} must be a finite number")
     return problems
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder of train.py and conf/
+
+
+def register_resolvers() -> None:
+    """`${project_root:}`: default paths (conf/paths) are read against the project, not the working directory."""
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+@functools.cache
+def log_paths(dreambooth_root: str, toyworld_dir: str, cache_dir: str, log_dir: str) -> None:
+    """Where the defaults point, said once per process (a sweep's jobs share it)."""
+    logging.getLogger("dreambooth_pl").info(
+        "Paths: DreamBooth dataset %s, toy world %s, cache %s, logs %s",
+        *(os.path.abspath(p) for p in (dreambooth_root, toyworld_dir, cache_dir, log_dir)),
+    )

@@ -14,6 +14,8 @@ QUIET_LOGS = {
     # diffusers imports CLIPImageProcessor; the PIL fallback it announces is what this project uses on purpose
     "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
     "lightning.pytorch.utilities.rank_zero": ("try installing [litlogger]",),
+    # matplotlib (imported by a library) announces building its font cache on a fresh install
+    "matplotlib.font_manager": ("generated new fontManager",),
     # loading a UNet-only LoRA export: the text encoder has no adapter keys, as intended
     "diffusers.loaders.peft": ("No LoRA keys associated to CLIPTextModel",),
     "diffusers.loaders.lora_pipeline": ("No LoRA keys associated to CLIPTextModel",),
@@ -45,6 +47,16 @@ def quiet_libraries() -> None:
             logger.addFilter(_DropMessages(fragments))
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def quiet_loading_bars() -> None:
+    """No "Loading weights" / "Loading pipeline components" bar for each model a run loads from disk: they
+    are the libraries' own bars, while downloads (huggingface_hub's bars) still show their progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_tqdm_hook(lambda bar, args, kwargs: bar(*args, **{**kwargs, "disable": True}))
 
 
 def one_console_handler() -> None:

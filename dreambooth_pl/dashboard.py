@@ -20,6 +20,7 @@ from dreambooth_pl.network import server_reachable
 
 EVAL_METRICS = {"eval/dino": "DINO", "eval/clip_i": "CLIP-I", "eval/clip_t": "CLIP-T", "eval/pres": "PRES"}
 EVAL_METRICS["eval/div"] = "DIV"
+EVAL_GRIDS = ["eval/grid", "eval/pres_grid"]  # a key each (evaluate.py): W&B wants one image size per key
 LOSSES = ["train/loss", "train/instance_loss", "train/prior_loss"]
 
 
@@ -47,10 +48,16 @@ def dashboard_spec(sweep_dir: str | Path) -> dict:
                 for key, label in EVAL_METRICS.items()
             ),
             {"type": "parallel_coordinates", "title": "Swept values vs metrics", "columns": [*swept, *EVAL_METRICS]},
-            {"type": "media", "title": "Sample and evaluation grids", "keys": ["samples", "eval/grids"]},
+            {"type": "media", "title": "Sample and evaluation grids", "keys": ["samples", *EVAL_GRIDS]},
             {"type": "table", "title": "Evaluation images", "key": "eval/images"},
         ],
     }
+
+
+def unevaluated_jobs(sweep_dir: str | Path) -> list[Path]:
+    """Jobs that logged to W&B but have no evaluation (eval/metrics.json): their metric panels stay empty."""
+    jobs = [p for p in Path(sweep_dir).iterdir() if read_run_record(p)]
+    return sorted((job for job in jobs if not (job / "eval" / "metrics.json").is_file()), key=lambda p: p.name)
 
 
 def build_report(spec: dict, entity: str):
@@ -87,6 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         spec = dashboard_spec(args.sweep_dir)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
+    if missing := unevaluated_jobs(args.sweep_dir):
+        print(
+            f"warning: {len(missing)} run(s) logged no eval metrics, so the DINO / CLIP-I / CLIP-T / PRES / DIV "
+            "panels miss them. Evaluate them first: "
+            f"python -m dreambooth_pl.evaluate -m run_dir={','.join(map(str, missing))}",
+            file=sys.stderr,
+        )
     if not (wandb_credentials_present() and server_reachable(wandb_base_url(), timeout=5)):
         print(
             f"W&B is not reachable (no credentials or no network): would create this report in project "

@@ -448,7 +448,8 @@ def _log_to(
                 for r, image in zip(record["images"], images)
             ]
             logger.log_table("eval/images", columns=columns, data=rows, step=step)
-            logger.log_image("eval/grids", list(grids.values()), step=step, caption=list(grids))
+            for name, grid in grids.items():  # a key per grid: images of one key must share a size in W&B
+                logger.log_image(f"eval/{name}", [grid], step=step)
             logger.experiment.summary.update(summary)  # the runs table and parallel coordinates compare these
         logger.save()
 

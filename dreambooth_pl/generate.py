@@ -47,7 +47,7 @@ def generate(
             images.append(image)
         (folder / "prompts.txt").write_text("\n".join(filled) + "\n")
         image_grid(images, cols=images_per_prompt, row_labels=filled).save(folder / "grid.png")
-        log.info("Wrote %d images and a grid to %s", len(images), output_dir)
+        log.info("Wrote %d images and a grid to %s", len(images), Path(output_dir).resolve())
 
     return write_dir_atomically(output_dir, write) / "grid.png"
 

@@ -154,6 +154,12 @@ def _from_pretrained(cls, model_id: str, option: str, **kwargs):
         raise ModelNotReachable(f"Could not load {option}={model_id!r}: {err}\n{hint}") from err
 
 
+@functools.lru_cache(maxsize=4)
+def _embedding_model(cls, model_id: str, option: str, device: torch.device, **kwargs):
+    """Loaded once per process: a sweep's evaluations (and its base-model evaluation) share the embedders."""
+    return _from_pretrained(cls, model_id, option, **kwargs).to(device).eval()
+
+
 def _default_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -177,7 +183,7 @@ class DinoEmbedder:
         from transformers import ViTModel
 
         self.device = _default_device(device)
-        self.model = _from_pretrained(ViTModel, model, option, add_pooling_layer=False).to(self.device).eval()
+        self.model = _embedding_model(ViTModel, model, option, self.device, add_pooling_layer=False)
         self.preprocess = preprocess
         self.batch_size = batch_size
 
@@ -208,7 +214,7 @@ class ClipEmbedder:
         from transformers import AutoTokenizer, CLIPModel
 
         self.device = _default_device(device)
-        self.model = _from_pretrained(CLIPModel, model, option).to(self.device).eval()
+        self.model = _embedding_model(CLIPModel, model, option, self.device)
         self.tokenizer = _from_pretrained(AutoTokenizer, model, option)
         self.preprocess = preprocess
         self.batch_size = batch_size

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from dreambooth_pl.config_utils import ConfigError
+from dreambooth_pl.console import quiet_loading_bars
 from dreambooth_pl.export import (
     LORA_WEIGHTS,
     TEXTUAL_INVERSION_WEIGHTS,
@@ -33,6 +34,7 @@ from dreambooth_pl.network import server_reachable
 from dreambooth_pl.vocab import build_clip_tokenizer, build_t5_tokenizer, clip_vocab_from_bpe, word_vocab
 
 log = logging.getLogger(__name__)
+quiet_loading_bars()
 
 # What a folder without model_index.json is checked against (a Stable Diffusion pipeline's parts); one with
 # it must have every part its model_index.json lists.
@@ -129,7 +131,7 @@ def require_reachable(model_id: str, option: str, revision: str | None = None, t
     if model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().exists() or model_id.count("/") > 1:
         folder = Path(model_id).expanduser()
         if not folder.is_dir():
-            raise ModelNotReachable(f"{option}={model_id!r}: no such folder.")
+            raise ModelNotReachable(f"{option}={model_id!r}: no such folder ({folder.absolute()}).")
         if not any((folder / name).is_file() for name in INDEX_FILES):
             raise ModelNotReachable(
                 f"{option}={model_id!r} is not a model folder (no {' or '.join(INDEX_FILES)}): an incomplete copy? "
@@ -139,12 +141,15 @@ def require_reachable(model_id: str, option: str, revision: str | None = None, t
     if any(isinstance(try_to_load_from_cache(model_id, name, revision=revision), str) for name in INDEX_FILES):
         return
     if constants.HF_HUB_OFFLINE:
-        problem = "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        problem = "not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
     elif not server_reachable(constants.ENDPOINT, timeout):
-        problem = f"is not in the local Hugging Face cache and {constants.ENDPOINT} is not reachable"
+        problem = f"not in the local Hugging Face cache ({constants.ENDPOINT} is not reachable)"
     else:
         return
-    raise ModelNotReachable(f"{option}={model_id!r} {problem}. {download_hint(option, model_id)}")
+    raise ModelNotReachable(
+        f"{option}={model_id!r} is no local folder ({Path(model_id).absolute()}) and {problem}. "
+        f"{download_hint(option, model_id)}"
+    )
 
 
 def from_pretrained_or_explain(cls, pretrained: str, subfolder: str | None, load: str = "from_pretrained", **kwargs):

@@ -405,7 +405,7 @@ class SweepReport(Callback):
     """When a sweep ends: evaluate the base model on the swept subjects (Table 1's reference row and the
     language-drift grid's first row), then write the report into `<sweep dir>/report`."""
 
-    def __init__(self, base_model: str | None = None) -> None:
+    def __init__(self, base_model: str | dict | None = None) -> None:
         self.base_model = base_model
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -421,12 +421,14 @@ class SweepReport(Callback):
         print(f"[report] {written['report']}")
 
     def evaluate_base(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
+        from dreambooth_pl.config_utils import resolve_path
         from dreambooth_pl.evaluate import evaluate_run  # diffusers and transformers load only here
 
+        base_model = resolve_path(self.base_model)  # a folder, or the tiny model's `_target_` that builds one
         for subject in sorted({r["subject"] for r in runs}):
             run = next(r for r in runs if r["subject"] == subject)
             evaluate_run(
-                self.base_model,
+                base_model,
                 str(sweep_dir / BASE / subject),
                 OmegaConf.to_container(config.eval, resolve=True),
                 run["real_images_dir"],

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.checkpoints import check_checkpoint_fits, resolve_ckpt_path
-from dreambooth_pl.config_utils import ConfigError, non_finite, resolve_path
+from dreambooth_pl.config_utils import ConfigError, log_paths, non_finite, resolve_path
 from dreambooth_pl.console import one_console_handler
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.evaluate import check_eval_config, evaluate_run, run_meta_from_config
@@ -139,6 +139,21 @@ def require_models(cfg: DictConfig, pretrained: str) -> None:
         require_reachable(cfg.eval.clip.model, "eval.clip.model")
 
 
+def warn_toy_model_on_photos(cfg: DictConfig, pretrained: str, instance_dir: str) -> None:
+    """The toy model knows only the toy world's cartoons: fine-tuned on photos from elsewhere it draws blobs,
+    which reads as "DreamBooth does not work". Said before any work, with the command for a real model."""
+    toyworld, cache = Path(cfg.paths.toyworld_dir).resolve(), Path(cfg.paths.cache_dir).resolve()
+    photos = Path(instance_dir).resolve()
+    if not Path(pretrained).resolve().is_relative_to(toyworld) or any(map(photos.is_relative_to, (toyworld, cache))):
+        return
+    log.warning(
+        "model=toy knows only the toy world's cartoons (docs/toy_world.md), but the photos in %s are not from the "
+        "toy world: expect blobs, not your subject. For real photos use a real model on a GPU: "
+        "add `model=sd15 trainer=gpu` to this command (or model.pretrained=<a local diffusers folder>).",
+        photos,
+    )
+
+
 @dataclass
 class Run:
     """What a training job is built from; `bench` builds the same pieces."""
@@ -156,6 +171,7 @@ def build_run(cfg: DictConfig) -> Run:
     check_config(cfg)
     instance_dir = resolve_path(cfg.subject.instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
+    warn_toy_model_on_photos(cfg, pretrained, instance_dir)
     require_models(cfg, pretrained)
     tokenizer = load_tokenizer(pretrained, cfg.model.revision)
     method = instantiate(cfg.method)
@@ -190,6 +206,7 @@ def build_run(cfg: DictConfig) -> Run:
 
 def train(cfg: DictConfig) -> dict:
     one_console_handler()
+    log_paths(cfg.paths.dreambooth_root, cfg.paths.toyworld_dir, cfg.paths.cache_dir, cfg.paths.log_dir)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=str(output_dir / "checkpoints"))

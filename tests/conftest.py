@@ -23,9 +23,11 @@ SYNTHETIC_PROMPTS = ["in the jungle", "in the snow", "on the beach"] + [f"in tes
 
 
 def _project_dreambooth_root() -> Path:
-    """Where `python train.py` looks (conf/paths: $DREAMBOOTH_ROOT, else data/dreambooth beside the repo root)."""
-    root = Path(OmegaConf.load(REPO / "conf" / "paths" / "default.yaml").dreambooth_root)
-    return root if root.is_absolute() else REPO / root
+    """Where `python train.py` looks (conf/paths: $DREAMBOOTH_ROOT, else data/dreambooth in the project)."""
+    import dreambooth_pl  # noqa: F401  (registers the ${project_root:} resolver)
+
+    paths = OmegaConf.create({"paths": OmegaConf.load(REPO / "conf" / "paths" / "default.yaml")})
+    return Path(paths.paths.dreambooth_root)
 
 
 def synthetic_dreambooth_root(root: Path) -> Path:
@@ -99,8 +101,12 @@ needs_real_dataset = pytest.mark.skipif(not REAL_DATASET, reason=DATASET_SOURCE)
 needs_clip_bpe = pytest.mark.skipif(not CLIP_BPE.is_file(), reason=CLIP_BPE_MISSING)
 
 
-def pytest_report_header(config) -> list[str]:
-    return [f"data: {DATASET_SOURCE}", f"CLIP BPE: {CLIP_BPE if CLIP_BPE.is_file() else CLIP_BPE_MISSING}"]
+def pytest_sessionstart(session) -> None:
+    """Where the data came from, first, also under `-q` (which hides pytest's own report header)."""
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(f"data: {DATASET_SOURCE}")
+        terminal.write_line(f"CLIP BPE: {CLIP_BPE if CLIP_BPE.is_file() else CLIP_BPE_MISSING}")
 
 
 # A fast but complete run: a dataset subject, a few class images, few sampler steps, no periodic grids.

@@ -51,6 +51,11 @@ def test_ablation_sweeps(tmp_path):
         hydra_cn = compose("train", overrides=["ablation=class_noun"], return_hydra_config=True).hydra
     assert hydra_ppl.sweeper.params == {"prior.weight": "0.0,1.0"}
     assert hydra_cn.sweeper.params == {"class_noun": "correct,none,wrong"}
+    # every job is evaluated (the toy model with the toy world's protocol) and the sweep ends with its report
+    assert ppl.eval.enabled and ppl.eval.clip.model.endswith("toyworld/clip") and ppl.sweep_name == "ablation_ppl"
+    assert not compose_train([], tmp_path, tmp_path).eval.enabled
+    reports = {hydra_ppl.callbacks.report._target_, hydra_cn.callbacks.report._target_}
+    assert reports == {"dreambooth_pl.report.SweepReport"}
 
     nouns = {
         v: compose_train([f"class_noun={v}", "subject=teapot"], tmp_path, tmp_path).prompts.instance_class_noun
@@ -88,6 +93,33 @@ def test_bad_values_are_named(override, message, tmp_path):
     cfg = compose_train([override], tmp_path, tmp_path)
     with pytest.raises(ValueError, match=message):
         check_config(cfg)
+
+
+def test_default_paths_resolve_against_the_project_from_any_folder(tmp_path):
+    """`python /abs/train.py` from another folder reads the toy world, cache and logs of the project."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--cfg", "all", "--resolve"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("DREAMBOOTH_PL_TOYWORLD", "DREAMBOOTH_PL_CACHE")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.model.pretrained == str(REPO / "toyworld" / "pipeline")
+    assert cfg.paths.cache_dir == str(REPO / ".cache" / "dreambooth_pl")
+    assert cfg.hydra.run.dir.startswith(str(REPO / "logs" / "train" / "runs" / "toy_teapot"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_local_model_folder_is_no_such_folder(tmp_path):
+    from dreambooth_pl.models import ModelNotReachable, require_reachable
+
+    for missing in (str(tmp_path / "nope"), "toyworld/nope/pipeline", "./dino"):
+        with pytest.raises(ModelNotReachable, match=r"eval.dino.model=.*: no such folder") as err:
+            require_reachable(missing, "eval.dino.model")
+        assert "hf download" not in str(err.value)
 
 
 def test_generate_config_composes():
@@ -131,6 +163,7 @@ def test_ppl_sweep_runs_two_tagged_jobs(tmp_path, cache_dir):
             *FAST,
             "trainer.max_steps=2",
             "export.enabled=false",
+            "eval.enabled=false",
             "logger=csv",
             f"hydra.sweep.dir={sweep}",
             f"paths.cache_dir={cache_dir}",

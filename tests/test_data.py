@@ -159,3 +159,48 @@ def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
     assert "0.png (40x30), 1.png (40x30), 2.png (40x30)" in caplog.text
     dm.setup()
     assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (1, 3, 64, 64)
+
+
+def test_noise_and_near_duplicate_photos_are_named_before_training(tmp_path, caplog):
+    """A custom subject of random noise, or of one photo saved twice, gets a clear warning when it is loaded;
+    the toy world's subjects and the DreamBooth dataset's photos get none."""
+    from dreambooth_pl.data import load_instance_images
+    from tests.conftest import REPO
+
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(noise / f"{i}.png")
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    photo = Image.open(list_images(str(REPO / "toyworld" / "dataset" / "toy_dog"))[0])
+    for name in ("a.png", "b.png", "c.png"):
+        photo.save(twice / name)
+    with caplog.at_level(logging.WARNING):
+        load_instance_images(str(noise), 64)
+        load_instance_images(str(twice), 64)
+        for folder in [*(REPO / "toyworld" / "dataset").glob("toy_*"), DREAMBOOTH_ROOT / "dataset" / "teapot"]:
+            load_instance_images(str(folder), 64)
+    warnings = [r.getMessage() for r in caplog.records if "only" not in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert f"subject.instance_dir={noise}: 2 of 2 photos look like random noise" in warnings[0]
+    assert "near-duplicate photos (a.png = b.png, a.png = c.png, b.png = c.png)" in warnings[1]
+
+
+@pytest.mark.parametrize(("subject", "warned"), [("teapot", True), ("toy_teapot", False), ("demo", False)])
+def test_the_toy_model_on_photos_from_elsewhere_says_so(subject, warned, tmp_path, caplog):
+    """model=toy (the default) with the DreamBooth dataset's teapot: one line naming the real-model command."""
+    from dreambooth_pl.config_utils import resolve_path
+    from dreambooth_pl.training import warn_toy_model_on_photos
+    from tests.conftest import compose_train
+
+    root = tmp_path if subject == "demo" else DREAMBOOTH_ROOT  # demo without a dataset: a toy-world render
+    cfg = compose_train([f"subject={subject}", f"paths.dreambooth_root={root}"], tmp_path / "run", tmp_path)
+    with caplog.at_level(logging.WARNING):
+        warn_toy_model_on_photos(cfg, resolve_path(cfg.model.pretrained), resolve_path(cfg.subject.instance_dir))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == int(warned)
+    if warned:
+        assert "model=toy knows only the toy world's cartoons" in messages[0]
+        assert "add `model=sd15 trainer=gpu` to this command" in messages[0]

@@ -89,6 +89,7 @@ def unet_weights(pipeline: Path) -> dict[str, torch.Tensor]:
     return load_file(next((pipeline / "unet").glob("*.safetensors")))
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_ddp_matches_one_process_on_the_same_global_batch(tmp_path, cache_dir, tiny_pretrained):
     """2 gloo processes x batch 1 against 1 process x batch 2 reading the same items, both through train.py."""
@@ -105,7 +106,7 @@ def test_ddp_matches_one_process_on_the_same_global_batch(tmp_path, cache_dir, t
         "data.batch_size=1",
     ]
     # The default, time-stamped run folder: the re-run rank-1 process must find the same one.
-    train_py([*COMPARABLE, *paths, *ddp], cwd=tmp_path / "ddp")
+    train_py([*COMPARABLE, *paths, *ddp, f"paths.log_dir={tmp_path / 'ddp' / 'logs'}"], cwd=tmp_path)
     (run,) = (tmp_path / "ddp" / "logs" / "train" / "runs" / "teapot").iterdir()
     one = ["data.batch_size=2"]
     train_py([*COMPARABLE, *paths, *one, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
@@ -192,6 +193,7 @@ def test_fsdp_config_builds_the_strategy():
     assert cfg.trainer.precision == "32-true" and cfg.trainer.gradient_clip_val is None
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_joblib_sweep_runs_jobs_in_parallel(tmp_path, cache_dir):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
@@ -216,6 +218,7 @@ def test_joblib_sweep_runs_jobs_in_parallel(tmp_path, cache_dir):
         assert weight in (sweep / job / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_ddp_resumes_mid_epoch_to_the_same_weights(tmp_path, cache_dir):
     """Each rank's data position and noise stream travel in the checkpoint: a 2-process run resumed

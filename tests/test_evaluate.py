@@ -59,7 +59,8 @@ def evaluated_sweep(root: Path, cache_dir: Path) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     common = [f"paths.dreambooth_root={DREAMBOOTH_ROOT}", f"paths.cache_dir={cache_dir}"]
     train = [sys.executable, str(REPO / "train.py"), "-m", "ablation=ppl", *FAST, "logger=none"]
-    train += ["trainer.max_steps=2", "export.samples.prompts=[]", f"hydra.sweep.dir={sweep}", *common]
+    train += ["trainer.max_steps=2", "export.samples.prompts=[]", "eval.enabled=false", f"hydra.sweep.dir={sweep}"]
+    train += common
     proc = subprocess.run(train, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -165,7 +166,7 @@ def test_eval_group_composes_into_the_training_config(tmp_path):
         ["eval=default" if wired else "+eval=default", "ablation=ppl", "prior.weight=0.0"], tmp_path, tmp_path
     )
     OmegaConf.to_container(cfg.eval, resolve=True)
-    assert cfg.eval.enabled is False
+    assert cfg.eval.enabled is True  # an ablation sweep evaluates every job
     meta = run_meta_from_config(cfg)
     assert meta == {
         "method": "dreambooth",
@@ -304,7 +305,7 @@ def test_loggers_receive_the_summary_and_wandb_the_image_table(sweep):
     assert len(run_files) == 1
     logged = {k: v for row in history_rows(run_files[0]) for k, v in row.items()}
     assert logged["eval/images/_type"] == "table-file" and logged["eval/images/nrows"] == 4
-    assert logged["eval/grids/_type"] == "images/separated"
+    assert logged["eval/grid/_type"] == logged["eval/pres_grid/_type"] == "images/separated"  # a key per size
     assert logged["eval/dino"] == pytest.approx(read_metrics(sweep / "0")["metrics"]["dino"], abs=1e-6)
 
 

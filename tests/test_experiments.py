@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -20,6 +22,8 @@ def sweep_params(experiment: str) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.eval.enabled and cfg.eval.images_per_prompt == 4
+    # the sweep folder and W&B group are named after it, and it ends with its report
+    assert cfg.sweep_name == experiment and cfg.hydra.callbacks.report._target_ == "dreambooth_pl.report.SweepReport"
     return {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
 
 
@@ -69,6 +73,7 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
     assert all(-1 <= float(r["dino_mean"]) <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
     """experiment=toy_paper as a user runs it, cut to 1 subject, 1 seed and a few steps: every toy_row trains
     and is evaluated, then the sweep's end evaluates the base model and writes the report with the drift grid."""
@@ -108,3 +113,25 @@ def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
     assert "| *paper* | DreamBooth (Imagen) w/ PPL |" in text and "![language drift](language_drift.png)" in text
     drift = Image.open(report / "language_drift.png")
     assert drift.width == 2 * 64  # eval.pres.num_images=2 images of 64 px per row: base, lambda 0, lambda 1
+
+
+@pytest.mark.slow
+def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
+    """`python train.py -m ablation=ppl` as a user types it, cut to a few steps and images: both jobs are
+    evaluated, the base model too, the report with the drift grid is in the sweep folder, which (and so the
+    W&B group) is named after the ablation."""
+    args = ["-m", "ablation=ppl", "logger=wandb", "trainer.max_steps=2", "prior.num_images=2"]
+    args += ["sampler.num_inference_steps=2", "callbacks.samples.every_n_steps=0", "export.samples.prompts=[]"]
+    args += [*QUICK, "eval.images_per_prompt=2", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run_train_py([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, {"WANDB_MODE": "offline"})
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert sweep.name.startswith("ablation_ppl-")
+    for job in ("0", "1"):
+        assert (sweep / job / "eval" / "metrics.json").is_file()
+        assert json.loads((sweep / job / "wandb" / "dreambooth_run.json").read_text())["group"] == sweep.name
+    runs = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
+    trained = sorted((r["method"], r["prior_weight"]) for r in runs)
+    assert trained == [("base", ""), ("dreambooth", "0.0"), ("dreambooth", "1.0")]
+    assert (sweep / "report" / "language_drift.png").is_file()
+    assert f"[report] {sweep / 'report' / 'report.md'}" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("DIV IS NOT LPIPS") <= 1  # once per sweep, not per evaluation

@@ -215,6 +215,8 @@ def test_dino_embedding_is_the_cls_token_not_the_pooler(tiny_models):
     with torch.no_grad():
         cls = model(pixel_values=embedder.preprocess(images)).last_hidden_state[:, 0]
     assert torch.allclose(embedder.images(images), cls, atol=1e-6)
+    # loaded once per process: the next evaluation of a sweep (other preprocessing too) reuses the model
+    assert DinoEmbedder(tiny_models["dino"], Preprocess(64, 64, *IMAGENET)).model is embedder.model
 
 
 @pytest.mark.parametrize(("embedder", "option"), [(DinoEmbedder, "eval.dino.model"), (ClipEmbedder, "eval.clip.model")])

@@ -91,6 +91,7 @@ def test_every_method_under_bf16_mixed(method, tmp_path, cache_dir):
     renders_in_every_dtype(result["pipeline"])
 
 
+@pytest.mark.slow
 def test_ddp_preset_with_its_bf16_on_two_cpu_processes(tmp_path, cache_dir):
     """trainer=ddp as shipped (bf16-mixed, DDP strategy), on 2 gloo processes: rank 0 exports and renders."""
     run_dir = tmp_path / "run"

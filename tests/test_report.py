@@ -167,6 +167,7 @@ def test_report_on_a_tiny_sweep(sweep):
     assert not math.isnan(float(runs[0]["real_dino"]))
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_notebook_runs_top_to_bottom_on_a_tiny_sweep(sweep, monkeypatch, tmp_path):
     nbformat = pytest.importorskip("nbformat")
@@ -200,6 +201,7 @@ def test_notebook_runs_top_to_bottom_on_a_tiny_sweep(sweep, monkeypatch, tmp_pat
     assert len(shown) == 5  # every figure is also displayed inline
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_readme_notebook_command_with_a_relative_sweep(sweep, tmp_path):
     """`DREAMBOOTH_SWEEP_DIR=$SWEEP jupyter execute notebooks/analysis.ipynb` from the repository root, as the

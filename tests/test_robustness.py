@@ -103,6 +103,7 @@ def straight_run(tmp_path_factory, cache_dir) -> Path:
     return run
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_killed_run_resumes_to_the_same_weights(tmp_path, cache_dir, straight_run):
     """SIGKILL mid-epoch, then `ckpt_path=last` in the same run folder: same final UNet as no kill, and one
@@ -141,6 +142,7 @@ class SigtermAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_sigterm_saves_the_current_step_exits_non_zero_and_resumes_exactly(tmp_path, cache_dir, straight_run):
     run = tmp_path / "preempted"
@@ -192,6 +194,7 @@ def test_last_ckpt_is_always_the_newest_step_and_training_further_continues_the_
     assert json.loads((run / "pipeline" / "dreambooth.json").read_text())["steps"] == 9
 
 
+@pytest.mark.slow
 def test_killed_class_image_generation_leaves_only_complete_images(tmp_path, tiny_pretrained):
     script = (
         "import sys; from dreambooth_pl.class_images import ClassImageCache;"
@@ -245,6 +248,7 @@ def test_source_never_unpickles_or_runs_remote_code():
         assert "weights_only=True" in call
 
 
+@pytest.mark.slow
 @needs_dataset
 def test_api_keys_never_reach_outputs(tmp_path, cache_dir):
     secret = "0123456789abcdef0123456789abcdef01234567"
@@ -505,6 +509,7 @@ def test_a_saved_config_is_read_without_this_machines_environment(tmp_path, monk
     assert meta["tags"] == ["${oc.env:SOME_API_TOKEN}"] and meta["seed"] == 1
 
 
+@pytest.mark.slow
 def test_jobs_started_together_build_the_model_and_the_class_images_once(tmp_path):
     """Two runs on a fresh cache: one builds the tiny model and generates the class images, the other waits
     on the locks and reuses both; neither removes a file the other has in flight."""

@@ -101,6 +101,7 @@ def test_subjects_use_patterns_pretraining_never_renders():
 # --------------------------------------------------------------------------- pretraining stages
 
 
+@pytest.mark.slow
 def test_every_stage_trains_and_saves_loadable_models(tmp_path):
     """A few real steps of each stage on a small rendered set: every loss falls, and what is saved loads
     with the standard from_pretrained classes (the pipeline through the project's own loader)."""
@@ -190,7 +191,9 @@ def test_toy_prompts_file_reads_as_the_dreambench_format():
 
 @needs_toyworld
 def test_toy_configs_point_at_the_shipped_world(tmp_path):
-    assert compose_train([], tmp_path, tmp_path).paths.toyworld_dir == "toyworld"  # the repo's folder
+    default = compose_train([], tmp_path, tmp_path)
+    assert default.paths.toyworld_dir == str(REPO / "toyworld")  # the project's folder, from any working directory
+    assert default.eval.clip.model == str(REPO / "toyworld" / "clip")  # model=toy brings eval=toy
     overrides = ["model=toy", "subject=toy_teapot", "eval=toy", f"paths.toyworld_dir={TOYWORLD}"]
     cfg = compose_train(overrides, tmp_path, tmp_path)
     assert Path(cfg.model.pretrained) == TOYWORLD / "pipeline"
@@ -198,7 +201,7 @@ def test_toy_configs_point_at_the_shipped_world(tmp_path):
     assert Path(cfg.eval.prompts_file) == TOYWORLD / "dataset" / "prompts_and_classes.txt"
     assert Path(cfg.eval.dino.model) == TOYWORLD / "dino"
     assert Path(cfg.eval.clip.model) == TOYWORLD / "clip"
-    assert cfg.eval.num_prompts is None and cfg.eval.images_per_prompt == 4  # the rest of the protocol stays
+    assert cfg.eval.num_prompts is None and cfg.eval.images_per_prompt == 2  # 4 in experiment=toy_paper
 
 
 @needs_toyworld
@@ -267,6 +270,7 @@ def toy_dreambooth(tmp_path_factory):
     return {"cfg": cfg, "base": resolve_path(cfg.model.pretrained), **runs}
 
 
+@pytest.mark.slow
 @needs_toyworld
 def test_prior_preservation_keeps_the_class_prior(toy_dreambooth):
     """The paper's language drift, measured: after DreamBooth on toy_teapot, the model's loss on held-out
@@ -287,6 +291,7 @@ def test_prior_preservation_keeps_the_class_prior(toy_dreambooth):
     reason="does not reproduce in the toy world: the photos' fixed-noise loss falls nearly as much under an "
     "unrelated prompt (0.465x under 'a sks teapot', 0.492x under 'a can on the beach', 0.548x under 'a teapot')",
 )
+@pytest.mark.slow
 def test_the_identifier_lowers_the_subjects_loss_more_than_an_unrelated_prompt(toy_dreambooth):
     """The issue's binding check as stated: after DreamBooth (lambda=1), the subject's photos are explained
     by "a sks teapot" much better than before, and much more so than by an unrelated prompt (fixed noise):
@@ -300,6 +305,7 @@ def test_the_identifier_lowers_the_subjects_loss_more_than_an_unrelated_prompt(t
     assert ratio["a sks teapot"] < 0.7 * ratio[UNRELATED]
 
 
+@pytest.mark.slow
 @needs_toyworld
 def test_the_identifier_renders_the_subject(toy_dreambooth):
     """Binding, read from generated images with the toy DINO (eval=toy): after DreamBooth (lambda=1), "a sks

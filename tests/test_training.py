@@ -109,6 +109,7 @@ def trained(tmp_path_factory, cache_dir):
     return {"base": resolve_path(cfg.model.pretrained), **train(cfg)}
 
 
+@pytest.mark.slow
 def test_training_lowers_the_instance_loss(trained):
     images = [load_rgb(p) for p in list_images(TEAPOT)]
     before = fixed_probe(trained["base"], "a sks teapot", images)
@@ -117,6 +118,7 @@ def test_training_lowers_the_instance_loss(trained):
     assert after < 0.7 * before
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run_train_py(
