@@ -97,7 +97,9 @@ CLIP_BPE_MISSING = (
 # always true now (the synthetic stand-in fills in); kept for the tests that read dataset folders
 needs_dataset = pytest.mark.skipif(not (DREAMBOOTH_ROOT / "dataset").is_dir(), reason="no dataset-shaped data")
 # the published photos and prompts themselves
-needs_real_dataset = pytest.mark.skipif(not REAL_DATASET, reason=DATASET_SOURCE)
+needs_real_dataset = pytest.mark.skipif(
+    not REAL_DATASET, reason="checks the published DreamBooth photos or prompts; the data line names what was found"
+)
 needs_clip_bpe = pytest.mark.skipif(not CLIP_BPE.is_file(), reason=CLIP_BPE_MISSING)
 
 
