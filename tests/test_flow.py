@@ -464,3 +464,14 @@ def test_evaluation_scores_the_flux_export(flux_dreambooth_run, tmp_path):
     metrics = json.loads(Path(result["metrics_file"]).read_text())["metrics"]
     for key in METRIC_KEYS:
         assert np.isfinite(metrics[key]), key
+
+
+@needs_dataset
+def test_a_flux_run_checkpoints_only_its_adapters_and_resumes(tmp_path, cache_dir):
+    first = flow_run("flux", tmp_path, cache_dir, ["method=lora", "trainer.max_steps=2", "export.enabled=false"])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["state_dict"] and all(".lora_" in k and k.startswith("transformer.") for k in state["state_dict"])
+    assert state["hyper_parameters"]["objective"]["weighting_scheme"] == "none"  # plain values: weights_only loads
+    resumed = flow_run("flux", tmp_path, cache_dir, ["method=lora", "trainer.max_steps=3", "ckpt_path=last"])
+    assert (first["global_step"], resumed["global_step"]) == (2, 3)
+    assert (Path(resumed["pipeline"]) / "pytorch_lora_weights.safetensors").is_file()
