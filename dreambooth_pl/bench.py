@@ -119,7 +119,7 @@ def plain_loop_steps_per_s(cfg: DictConfig, steps: int, warmup: int, device: tor
     data.setup("fit")
     module.train()
     module.noise_generator = torch.Generator(device=device).manual_seed(module.seed)
-    optimizer = module.optimizer_factory(params=module.trainable_parameters())
+    optimizer = module.optimizer_factory(params=module.parameter_groups())
     clip = cfg.trainer.get("gradient_clip_val")
     batches, done, start = iter(data.train_dataloader()), 0, None
     memory = PeakMemory(device)

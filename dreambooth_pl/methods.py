@@ -122,12 +122,15 @@ class LoRA(FineTuneMethod):
 
         state = get_peft_model_state_dict(model, state_dict=model.state_dict())
         scale = self.alpha / self.rank
-        folded = {k: (v.detach().float().cpu() * (scale if ".lora_B." in k else 1.0)).contiguous() for k, v in state.items()}
+        folded = {
+            k: (v.detach().float().cpu() * (scale if ".lora_B." in k else 1.0)).contiguous() for k, v in state.items()
+        }
         return family.lora_file_keys(folded)
 
     def export(self, module, output_dir: Path, run_info: dict) -> Path:
         text_layers = {
-            name: self.lora_state(module.family, module.text_encoders[name]) for name in self.text_encoders_trained(module)
+            name: self.lora_state(module.family, module.text_encoders[name])
+            for name in self.text_encoders_trained(module)
         }
         target = write_dir_atomically(
             output_dir / self.export_dirname,

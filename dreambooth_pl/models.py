@@ -61,6 +61,8 @@ def pipeline_parts(folder: Path) -> list[str]:
         return list(PIPELINE_SUBFOLDERS)
     entries = json.loads(index.read_text())
     return [k for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[1] is not None]
+
+
 INDEX_FILES = ("model_index.json", "config.json")  # a pipeline's, a single model's (DINO, CLIP)
 
 
@@ -280,7 +282,9 @@ def build_random_pipeline(
     """
     model_family = get_family(family)
     if set(denoiser) != {model_family.denoiser_name}:
-        raise ValueError(f"model.pretrained: family {family!r} needs its denoiser's config as {model_family.denoiser_name}")
+        raise ValueError(
+            f"model.pretrained: family {family!r} needs its denoiser's config as {model_family.denoiser_name}"
+        )
     spec = {
         "family": family,
         "seed": seed,
@@ -316,7 +320,9 @@ def build_random_pipeline(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             text_encoders = {
-                name: _random_text_encoder(cls, tokenizers[model_family.tokenizer_names[name]], spec["text_encoders"][name])
+                name: _random_text_encoder(
+                    cls, tokenizers[model_family.tokenizer_names[name]], spec["text_encoders"][name]
+                )
                 for name, cls in model_family.text_encoder_classes.items()
             }
             components = Components(

@@ -102,14 +102,17 @@ class DreamBoothModule(L.LightningModule):
             model.requires_grad_(False)
         self.method = method or FineTuneMethod()
         if quantize_base and not self.method.trains_adapters:
-            raise ValueError(f"module.quantize_base={quantize_base}: a 4-bit base cannot be fine-tuned; use method=lora.")
+            raise ValueError(
+                f"module.quantize_base={quantize_base}: a 4-bit base cannot be fine-tuned; use method=lora."
+            )
         self.method.attach(self)
         # frozen encoders whose outputs for the run's fixed prompts are all cached, then dropped (fit start)
         self.free_text_encoders = free_text_encoders
         if free_text_encoders and (self.text_encoder_learns or not cache_text_embeddings):
             raise ValueError(
-                "module.free_text_encoders=true drops the text encoders after caching the fixed prompts' embeddings:"
-                " it needs module.cache_text_embeddings=true and frozen text encoders (method.train_text_encoder=false)."
+                "module.free_text_encoders=true drops the text encoders after caching the fixed prompts' "
+                "embeddings: it needs module.cache_text_embeddings=true and frozen text encoders "
+                "(method.train_text_encoder=false)."
             )
         self.vae.eval()
         if channels_last:
@@ -208,7 +211,9 @@ class DreamBoothModule(L.LightningModule):
             return self._run_text_encoders(prompts)
         missing = sorted({p for p in prompts if p not in self._text_cache})
         if missing and not self.text_encoder_names:
-            raise RuntimeError(f"module.free_text_encoders: prompts {missing} were not cached before the encoders were freed")
+            raise RuntimeError(
+                f"module.free_text_encoders: prompts {missing} were not cached before the encoders were freed"
+            )
         if missing:
             with torch.no_grad():
                 self._text_cache.update(zip(missing, self._run_text_encoders(missing).rows(), strict=True))

@@ -20,10 +20,10 @@ from dreambooth_pl.console import one_console_handler
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.evaluate import check_eval_config, evaluate_run, run_meta_from_config
 from dreambooth_pl.export import recover_exports
+from dreambooth_pl.families import get_family
 from dreambooth_pl.generate import generate
 from dreambooth_pl.identifier import resolve_identifier
 from dreambooth_pl.loggers import close_loggers, wandb_location
-from dreambooth_pl.families import get_family
 from dreambooth_pl.methods import FineTuneMethod, TextualInversion
 from dreambooth_pl.models import load_tokenizer, require_reachable
 from dreambooth_pl.module import DreamBoothModule
@@ -107,7 +107,9 @@ def family_problems(cfg: DictConfig) -> list[str]:
                 "CUDA GPU; on a CPU use torch.optim.AdamW"
             )
         if cfg.module.get("quantize_base"):
-            problems.append(f"module.quantize_base={cfg.module.quantize_base}: 4-bit weights (bitsandbytes) need a CUDA GPU")
+            problems.append(
+                f"module.quantize_base={cfg.module.quantize_base}: 4-bit weights (bitsandbytes) need a CUDA GPU"
+            )
     return problems
 
 

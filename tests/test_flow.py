@@ -105,7 +105,9 @@ def test_flow_terms_match_the_formulas(scheme):
         sigma = t / 1000  # FlowMatchEulerDiscreteScheduler: timesteps = sigmas x num_train_timesteps
         assert torch.allclose(noisy[i], (1 - sigma) * latents[i] + sigma * noise[i], atol=1e-5)
         assert torch.equal(target[i], noise[i] - latents[i])
-        expected = {"cosmap": 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)), "sigma_sqrt": sigma**-2.0}.get(scheme, 1.0)
+        expected = {"cosmap": 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)), "sigma_sqrt": sigma**-2.0}.get(
+            scheme, 1.0
+        )
         assert weights[i].item() == pytest.approx(expected, rel=1e-4)
     assert torch.equal(compared, pred)
 
@@ -245,7 +247,9 @@ def sd3_reference_loss(parts, batch, prior_loss_weight, max_sequence_length, sch
     model_input = model_input.contiguous()  # see _script_latents_layout
     noise = torch.randn_like(model_input)
     noise_scheduler_copy = FlowMatchEulerDiscreteScheduler.from_config(parts.noise_scheduler.config)
-    u = compute_density_for_timestep_sampling(scheme, model_input.shape[0], logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+    u = compute_density_for_timestep_sampling(
+        scheme, model_input.shape[0], logit_mean=0.0, logit_std=1.0, mode_scale=1.29
+    )
     indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
     timesteps = noise_scheduler_copy.timesteps[indices]
     step_indices = [(noise_scheduler_copy.timesteps == t).nonzero().item() for t in timesteps]
@@ -372,7 +376,9 @@ def test_sd3_trains_exports_and_its_lora_loads(tmp_path, cache_dir):
     pipe = StableDiffusion3Pipeline.from_pretrained(full["pipeline"])
     assert np.abs(render(pipe) - render(module.pipeline())).max() < 1e-4
     overrides = ["method=lora", "method.alpha=2", "method.train_text_encoder=true", "module.optimizer.lr=1e-2"]
-    lora = flow_run("sd3", tmp_path / "lora", cache_dir, [*overrides, "export.samples.prompts=[]", "trainer.max_steps=3"])
+    lora = flow_run(
+        "sd3", tmp_path / "lora", cache_dir, [*overrides, "export.samples.prompts=[]", "trainer.max_steps=3"]
+    )
     lora_reproduces("sd3", lora, ["text_encoder", "text_encoder_2"])
     assert not any(p.requires_grad for p in lora["module"].text_encoder_3.parameters())
 
@@ -417,14 +423,20 @@ def test_flow_model_configs_are_consistent(tmp_path):
     """flux_random / sd3_random are the published architectures; their widths must fit together."""
     flux = compose_train(["model=flux_random"], tmp_path, tmp_path).model.pretrained
     clip, t5 = flux.text_encoders.text_encoder, flux.text_encoders.text_encoder_2
-    assert flux.transformer.pooled_projection_dim == clip.hidden_size and flux.transformer.joint_attention_dim == t5.d_model
+    assert (
+        flux.transformer.pooled_projection_dim == clip.hidden_size
+        and flux.transformer.joint_attention_dim == t5.d_model
+    )
     assert sum(flux.transformer.axes_dims_rope) == flux.transformer.attention_head_dim
     assert flux.transformer.in_channels == 4 * flux.vae.latent_channels
     sd3 = compose_train(["model=sd3_random"], tmp_path, tmp_path).model.pretrained
     first, second, t5 = (sd3.text_encoders[n] for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
     assert sd3.transformer.pooled_projection_dim == first.projection_dim + second.projection_dim == 2048
     assert sd3.transformer.joint_attention_dim == t5.d_model >= first.hidden_size + second.hidden_size
-    assert sd3.transformer.caption_projection_dim == sd3.transformer.num_attention_heads * sd3.transformer.attention_head_dim
+    assert (
+        sd3.transformer.caption_projection_dim
+        == sd3.transformer.num_attention_heads * sd3.transformer.attention_head_dim
+    )
     for name in ("flux", "sd3"):
         hub = compose_train([f"model={name}", "method=lora"], tmp_path, tmp_path)
         assert hub.model.resolution == 1024 and hub.module.text_encoder_lr == 5e-6
@@ -453,9 +465,18 @@ def test_evaluation_scores_the_flux_export(flux_dreambooth_run, tmp_path):
     sampler = flux_dreambooth_run["cfg"].eval.sampler  # what model=flux_tiny sets for evaluation (model.eval_sampler)
     assert (sampler.scheduler, sampler.resolution) == ("diffusers.FlowMatchEulerDiscreteScheduler", 64)
     flow = [f"eval.sampler.{k}={sampler[k]}" for k in ("scheduler", "guidance_scale", "resolution")]
-    with pytest.raises(ValueError, match="FluxPipeline comes with FlowMatchEulerDiscreteScheduler.*eval.sampler.scheduler"):
-        evaluate_run(flux_dreambooth_run["pipeline"], str(tmp_path / "bad"), compose_eval([*tiny, *QUICK]).eval,
-                     str(TEAPOT), "teapot", "teapot", "sks")
+    with pytest.raises(
+        ValueError, match="FluxPipeline comes with FlowMatchEulerDiscreteScheduler.*eval.sampler.scheduler"
+    ):
+        evaluate_run(
+            flux_dreambooth_run["pipeline"],
+            str(tmp_path / "bad"),
+            compose_eval([*tiny, *QUICK]).eval,
+            str(TEAPOT),
+            "teapot",
+            "teapot",
+            "sks",
+        )
     eval_cfg = compose_eval([*tiny, *QUICK, *flow, "eval.images_per_prompt=2"]).eval
     result = evaluate_run(
         flux_dreambooth_run["pipeline"], str(tmp_path), eval_cfg, str(TEAPOT), "teapot", "teapot", "sks"
@@ -464,3 +485,14 @@ def test_evaluation_scores_the_flux_export(flux_dreambooth_run, tmp_path):
     metrics = json.loads(Path(result["metrics_file"]).read_text())["metrics"]
     for key in METRIC_KEYS:
         assert np.isfinite(metrics[key]), key
+
+
+@needs_dataset
+def test_a_flux_run_checkpoints_only_its_adapters_and_resumes(tmp_path, cache_dir):
+    first = flow_run("flux", tmp_path, cache_dir, ["method=lora", "trainer.max_steps=2", "export.enabled=false"])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["state_dict"] and all(".lora_" in k and k.startswith("transformer.") for k in state["state_dict"])
+    assert state["hyper_parameters"]["objective"]["weighting_scheme"] == "none"  # plain values: weights_only loads
+    resumed = flow_run("flux", tmp_path, cache_dir, ["method=lora", "trainer.max_steps=3", "ckpt_path=last"])
+    assert (first["global_step"], resumed["global_step"]) == (2, 3)
+    assert (Path(resumed["pipeline"]) / "pytorch_lora_weights.safetensors").is_file()

@@ -192,7 +192,10 @@ def test_lora_export_folds_alpha_into_every_target_not_only_attention(tmp_path, 
     assert any("proj_in.lora_B" in k for k in weights) and any("to_q.lora_B" in k for k in weights)
     trained = unet_output(result["module"].eval().unet)
     loaded = load_pipeline(result["pipeline"], device="cpu").unet
-    assert {type(m).__name__ for n, m in loaded.named_modules() if n.endswith(("to_q", "proj_in"))} == {"Linear", "Conv2d"}
+    assert {type(m).__name__ for n, m in loaded.named_modules() if n.endswith(("to_q", "proj_in"))} == {
+        "Linear",
+        "Conv2d",
+    }
     assert all(hasattr(m, "lora_B") for n, m in loaded.named_modules() if n.endswith(("to_q", "proj_in")))
     assert (trained - unet_output(loaded)).abs().max() < 1e-4
 

@@ -34,11 +34,15 @@ class StableDiffusion3(FlowMatchingFamily):
         states, pooled = [], []
         for name in ("text_encoder", "text_encoder_2"):
             encoder = text_encoders[name]
-            out = encoder(clip_ids(tokenizers[self.tokenizer_names[name]], prompts, encoder.device), output_hidden_states=True)
+            out = encoder(
+                clip_ids(tokenizers[self.tokenizer_names[name]], prompts, encoder.device), output_hidden_states=True
+            )
             states.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(states, dim=-1)
-        t5 = t5_hidden_states(tokenizers["tokenizer_3"], text_encoders["text_encoder_3"], prompts, self.max_sequence_length)
+        t5 = t5_hidden_states(
+            tokenizers["tokenizer_3"], text_encoders["text_encoder_3"], prompts, self.max_sequence_length
+        )
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return PromptEmbeddings(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
 
