@@ -6,7 +6,8 @@ DINO between the model's images of the bare class and the real subject; lower is
 diversity (DIV: distance between images of the same prompt). Results go to `<output_dir>/eval/`.
 
 Training calls `evaluate_run` after export when `eval.enabled` is true; on its own:
-`python -m dreambooth_pl.evaluate run_dir=<training run>` or `pipeline=<exported folder>`.
+`python -m dreambooth_pl.evaluate run_dir=<training run>` or `pipeline=<exported folder>`, or a base model
+with `pipeline=<folder> subject=<name> identifier=sks`.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def evaluate_run(
 
     run_info = read_run_info(pipeline_dir)
     metadata = {
-        "method": run_info.get("method", "dreambooth"),
+        "method": run_info.get("method", "dreambooth") if run_info else "base",  # no dreambooth.json: not fine-tuned
         "model": Path(str(run_info.get("base_model", ""))).name or None,
         "prior_enabled": None,
         "prior_weight": None,
@@ -461,20 +462,25 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     run_meta.update(OmegaConf.to_container(cfg.run_meta, resolve=True))
 
     def pick(option: str, *candidates):
-        value = next((c for c in (cfg[option], *candidates) if c is not None), None)
+        value = next((c for c in candidates if c is not None), None)
         if value is None:
             raise ConfigError(f"{option} is not in {pipeline / 'dreambooth.json'}: pass {option}=...")
         return str(value)
 
-    subject = pick("subject", info.get("subject"))
-    identifier = pick("identifier", info.get("identifier"))
+    def chosen(key: str):  # what the command line's subject=/identifier= groups set
+        return OmegaConf.select(cfg, key, default=None)
+
+    subject = pick("subject", chosen("subject.name"), info.get("subject"))
+    identifier = pick("identifier", chosen("identifier.token"), info.get("identifier"))
     saved_class = OmegaConf.select(saved, "subject.class_noun", throw_on_resolution_failure=False) if saved else None
     table = read_class_table(cfg.eval.prompts_file)
-    class_noun = pick("class_noun", saved_class, table.get(subject), info.get("class_noun"))
-    noun = pick("instance_class_noun", info.get("class_noun"), class_noun)
+    candidates = (chosen("subject.class_noun"), saved_class, table.get(subject), info.get("class_noun"))
+    class_noun = pick("subject.class_noun", *candidates)
+    noun = pick("instance_class_noun", cfg.instance_class_noun, info.get("class_noun"), class_noun)
     # the photos the run trained on (dreambooth.json), for exports older than that the dataset's folder
     dataset_photos = str(Path(cfg.paths.dreambooth_root) / "dataset" / subject)
-    real_images_dir = cfg.real_images_dir or info.get("instance_dir") or dataset_photos
+    photos = (cfg.real_images_dir, chosen("subject.instance_dir"), info.get("instance_dir"), dataset_photos)
+    real_images_dir = next(p for p in photos if p)
 
     # the training run's W&B run gets the evaluation (same id); a run without one gets a new eval run
     loggers = [instantiate(cfg.logger.wandb, save_dir=str(run_dir))] if cfg.logger.wandb else []
