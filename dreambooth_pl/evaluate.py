@@ -208,6 +208,15 @@ def generate_missing(
         return len(todo)
 
 
+def draw_images(draw: Callable[[str, int], Image.Image], jobs: list[ImageJob], images_dir: Path) -> int:
+    """Every job's image from `draw` (cheap: nothing is reused, and no model manifest applies)."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    (images_dir / MANIFEST).unlink(missing_ok=True)
+    for job in jobs:
+        save_atomically(draw(job.prompt, job.seed), images_dir / job.file)
+    return len(jobs)
+
+
 def _grid(images: list[Image.Image], cols: int | None, cell: int) -> Image.Image:
     """Cells of at most `cell` pixels: 100 images at 512 px would make a grid too big to look at or log."""
     return image_grid(
@@ -228,7 +237,7 @@ def _check(cfg: DictConfig) -> None:
 
 
 def evaluate_run(
-    pipeline_dir: str,
+    pipeline_dir: str | None,
     output_dir: str,
     eval_cfg: DictConfig | dict,
     real_images_dir: str,
@@ -238,6 +247,7 @@ def evaluate_run(
     instance_class_noun: str | None = None,
     run_meta: dict | None = None,
     loggers: list[Logger] | None = None,
+    draw: Callable[[str, int], Image.Image] | None = None,
 ) -> dict:
     """Generate (or reuse) the evaluation images, score them, write `<output_dir>/eval/metrics.json`.
 
@@ -245,6 +255,8 @@ def evaluate_run(
     `instance_class_noun` is the noun the instance prompt used, which fills the prompts (default: the same).
     `run_meta` says how the model was trained (see `run_meta_from_config`); it is stored for the report.
     Summary metrics go to each logger; a W&B logger also gets a table of every image with its scores.
+    `draw(prompt, seed)`, when given, makes the images instead of a model (`pipeline_dir` None): the toy
+    renderer's ground truth, a control row.
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
@@ -266,7 +278,10 @@ def evaluate_run(
     div_backend = choose_div_backend(cfg.div.backend)
     distance = lpips_distance(cfg.div.lpips_net, cfg.device) if div_backend == "lpips" else cosine_distance
 
-    generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
+    if draw is None:
+        generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
+    else:
+        generated = draw_images(draw, jobs + pres_jobs, images_dir)
     images = [load_rgb(images_dir / j.file) for j in jobs]
     pres_images = [load_rgb(images_dir / j.file) for j in pres_jobs]
 
@@ -275,7 +290,7 @@ def evaluate_run(
         prompts, jobs, images, pres_images, real, dino, clip, distance, div_backend
     )
 
-    run_info = read_run_info(pipeline_dir)
+    run_info = read_run_info(pipeline_dir) if pipeline_dir else {}
     metadata = {
         "method": run_info.get("method", "dreambooth") if run_info else "base",  # no dreambooth.json: not fine-tuned
         "model": Path(str(run_info.get("base_model", ""))).name or None,
@@ -291,7 +306,7 @@ def evaluate_run(
         "class_noun": class_noun,
         "instance_class_noun": noun,
         "class_noun_condition": class_noun_condition(class_noun, noun),
-        "pipeline": str(Path(pipeline_dir).resolve()),
+        "pipeline": str(Path(pipeline_dir).resolve()) if pipeline_dir else None,
         "real_images_dir": str(Path(real_images_dir).resolve()),
         "prompt_set": prompt_set,
         "eval_seed": cfg.seed,

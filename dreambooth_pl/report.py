@@ -9,14 +9,16 @@ Writes report.md, table1.csv, table3.csv, table4.csv, paired.csv, runs.csv (one 
 subject has a base-model evaluation and DreamBooth runs with and without prior preservation,
 language_drift.png.
 
-`SweepReport`, a Hydra callback (experiment=toy_paper), evaluates the base model on the swept subjects when
-a sweep ends and writes the report into the sweep folder.
+`SweepReport`, a Hydra callback (experiment=toy_paper), evaluates the control rows (base model; for toy
+subjects also base model + attribute words and the renderer's ground truth) on the swept subjects when a
+sweep ends and writes the report into the sweep folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -40,14 +42,19 @@ LABELS = {
     "clip_t": "CLIP-T",
 }
 BASE = "base"  # the method of a base-model evaluation: nothing was fine-tuned
+# control rows (toy subjects): the base model prompted with the subject's attributes instead of the identifier,
+# and the renderer's own drawing of the subject in each prompt's context (the ceiling)
+ATTRIBUTE_WORDS, RENDERER = "attribute_words", "renderer"
+CONTROLS = {ATTRIBUTE_WORDS: "Base model + attribute words", RENDERER: "Renderer ground truth"}
 METHODS = {
     BASE: "Base model",
+    **CONTROLS,
     "dreambooth": "DreamBooth",
     "lora": "LoRA DreamBooth",
     "textual_inversion": "Textual Inversion",
 }
 # Table 1's comparisons are A - B with A earlier here: the ceiling first, the baselines last.
-COMPARISON_ORDER = ("dreambooth", "lora", "textual_inversion", BASE)
+COMPARISON_ORDER = (RENDERER, "dreambooth", "lora", "textual_inversion", ATTRIBUTE_WORDS, BASE)
 CONDITIONS = {"correct": "Correct Class", "none": "No Class", "wrong": "Wrong Class"}
 
 # Ruiz et al., DreamBooth, CVPR 2023. Table 1 and 3 use 30 subjects x 25 prompts x 4 images.
@@ -161,6 +168,10 @@ def summarize(runs: list[dict], metrics: Sequence[str]) -> dict:
 def _label(method: str, model: str, prior_weight: float | None) -> str:
     if method == BASE:
         return f"{METHODS[BASE]} ({model}, no fine-tuning)"
+    if method == ATTRIBUTE_WORDS:
+        return f"{METHODS[method]} ({model}, no fine-tuning; control)"
+    if method == RENDERER:
+        return f"{METHODS[method]} (the subject in each prompt's context; control)"
     if prior_weight is None:
         prior = "prior unknown"
     else:
@@ -452,11 +463,16 @@ def _drift_note(written: dict[str, Path]) -> str:
 
 
 class SweepReport(Callback):
-    """When a sweep ends: evaluate the base model on the swept subjects (Table 1's reference row and the
-    language-drift grid's first row), then write the report into `<sweep dir>/report`."""
+    """When a sweep ends: evaluate the control rows on the swept subjects, then write the report into
+    `<sweep dir>/report`. The base model with the runs' identifier is Table 1's reference row and the
+    language-drift grid's first row; for toy subjects (subjects.json beside their photos) also the base model
+    prompted with `attribute_words` (filled from the subject's description, e.g. "{colour}": "a blue teapot
+    in the jungle") in place of the identifier, the baseline personalization must beat, and the renderer's
+    ground truth, the ceiling."""
 
-    def __init__(self, base_model: str | None = None) -> None:
+    def __init__(self, base_model: str | None = None, attribute_words: str | None = None) -> None:
         self.base_model = base_model
+        self.attribute_words = attribute_words
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -465,25 +481,40 @@ class SweepReport(Callback):
             print(f"[report] no evaluated runs under {sweep_dir}: nothing to report")
             return
         if self.base_model:
-            self.evaluate_base(config, sweep_dir, [r for r in runs if r["method"] != BASE])
+            self.evaluate_controls(config, sweep_dir, [r for r in runs if r["method"] not in (BASE, *CONTROLS)])
         written = write_report([sweep_dir], sweep_dir / "report")
         print(f"[report] {written['report']}")
 
-    def evaluate_base(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
+    def evaluate_controls(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
         from dreambooth_pl.evaluate import evaluate_run  # diffusers and transformers load only here
+        from dreambooth_pl.toyworld.subjects import GroundTruth
 
+        eval_cfg = OmegaConf.to_container(config.eval, resolve=True)
+        model = OmegaConf.select(config, "model.name")
         for subject in sorted({r["subject"] for r in runs}):
             run = next(r for r in runs if r["subject"] == subject)
-            evaluate_run(
-                self.base_model,
-                str(sweep_dir / BASE / subject),
-                OmegaConf.to_container(config.eval, resolve=True),
-                run["real_images_dir"],
-                subject,
-                run["class_noun"],
-                run["identifier"],
-                run_meta={"method": BASE, "model": OmegaConf.select(config, "model.name"), "steps": 0},
-            )
+
+            def control(method: str, pipeline: str | None, identifier: str, draw=None, run=run) -> None:
+                evaluate_run(
+                    pipeline,
+                    str(sweep_dir / method / subject),
+                    eval_cfg,
+                    run["real_images_dir"],
+                    run["subject"],
+                    run["class_noun"],
+                    identifier,
+                    run_meta={"method": method, "model": model, "steps": 0},
+                    draw=draw,
+                )
+
+            control(BASE, self.base_model, run["identifier"])
+            truth = GroundTruth.of(run["real_images_dir"], run["identifier"])
+            if truth is None:
+                continue
+            if self.attribute_words:
+                words = self.attribute_words.format(**dataclasses.asdict(truth.instance))
+                control(ATTRIBUTE_WORDS, self.base_model, words)
+            control(RENDERER, None, run["identifier"], draw=truth)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

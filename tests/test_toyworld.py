@@ -26,7 +26,7 @@ from dreambooth_pl.models import load_components, loaded_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
-from dreambooth_pl.toyworld.subjects import subject_instance
+from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance
 from dreambooth_pl.training import train
 from tests.conftest import REPO, compose_train
 from tests.test_training import fixed_probe
@@ -199,6 +199,29 @@ def test_toy_configs_point_at_the_shipped_world(tmp_path):
     assert Path(cfg.eval.dino.model) == TOYWORLD / "dino"
     assert Path(cfg.eval.clip.model) == TOYWORLD / "clip"
     assert cfg.eval.num_prompts is None and cfg.eval.images_per_prompt == 4  # the rest of the protocol stays
+
+
+@needs_toyworld
+def test_ground_truth_draws_the_subject_in_each_prompts_context(tmp_path):
+    """The report's ceiling row: the renderer's own subject (subjects.json) posed by the image's seed."""
+    truth = GroundTruth.of(TOYWORLD / "dataset" / "toy_teapot", "sks")
+    spec = next(s for s in compose_toyworld([]).subjects if s.name == "toy_teapot")
+    assert truth.instance == subject_instance(spec) and truth.size == 64
+    assert GroundTruth.of(tmp_path / "teapot", "sks") is None  # not a toy subject: no ground truth
+
+    def expected(instance, context, seed):
+        rng = np.random.default_rng(seed)
+        return np.asarray(scenes.render(instance, scenes.sample_view(rng, context), 64))
+
+    jungle = truth("a sks teapot in the jungle", 7)
+    assert np.array_equal(np.asarray(jungle), expected(truth.instance, "in the jungle", 7))
+    red = truth.instance.recoloured("red")
+    assert np.array_equal(np.asarray(truth("a red sks teapot", 3)), expected(red, "", 3))
+    rng = np.random.default_rng(5)  # PRES's "a teapot": a teapot of the pretraining distribution, studio photo
+    prior = scenes.render(scenes.sample_instance(rng, "teapot"), scenes.sample_view(rng, ""), 64)
+    assert np.array_equal(np.asarray(truth("a teapot", 5)), np.asarray(prior))
+    with pytest.raises(ValueError, match="'a sks teapot on the moon' names no context"):
+        truth("a sks teapot on the moon", 0)
 
 
 @needs_toyworld
