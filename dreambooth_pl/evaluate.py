@@ -46,6 +46,7 @@ from dreambooth_pl.metrics import (
     lpips_distance,
     lpips_input,
     self_similarity,
+    vae_feature_distance,
 )
 from dreambooth_pl.models import loaded_pipeline, model_fingerprint, require_reachable
 from dreambooth_pl.prompts import fill_prompt
@@ -276,7 +277,10 @@ def evaluate_run(
     dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
     clip = ClipEmbedder(cfg.clip.model, Preprocess(**_preprocess(cfg.clip)), cfg.embed_batch_size, cfg.device)
     div_backend = choose_div_backend(cfg.div.backend)
-    distance = lpips_distance(cfg.div.lpips_net, cfg.device) if div_backend == "lpips" else cosine_distance
+    distance = {
+        "lpips": lambda: lpips_distance(cfg.div.lpips_net, cfg.device),
+        "vae": lambda: vae_feature_distance(cfg.div.vae, cfg.device),
+    }.get(div_backend, lambda: cosine_distance)()
 
     if draw is None:
         generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
@@ -381,7 +385,7 @@ def _score(
     if pres_images:
         pres.update(dino.images(pres_images))
 
-    div_inputs = lpips_input(images) if div_backend == "lpips" else image_dino
+    div_inputs = lpips_input(images) if div_backend in ("lpips", "vae") else image_dino
     diversity = Diversity(distance)
     for p in prompts:
         diversity.update(div_inputs[[k for k, j in enumerate(jobs) if j.prompt_index == p.index]])

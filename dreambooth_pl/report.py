@@ -379,6 +379,11 @@ def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[
             else "."
         ),
     ]
+    if "vae" in backends:
+        lines.append(
+            "DIV vae: an LPIPS-style distance on the toy VAE encoder's feature maps (no learned weights); not the"
+            " paper's LPIPS scale."
+        )
     for name, rows in tables.items():
         metrics = TABLES[name]["metrics"]
         lines += ["", f"## {TABLES[name]['title']}", ""]

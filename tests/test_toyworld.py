@@ -26,6 +26,7 @@ from dreambooth_pl.models import load_components, loaded_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
+from dreambooth_pl.toyworld.readers import validate_readers
 from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance
 from dreambooth_pl.training import train
 from tests.conftest import REPO, compose_train
@@ -126,6 +127,7 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
             "probe.sampler.num_inference_steps=2",
             "probe.classifier.steps=25",
             "probe.classifier.batch_size=16",
+            "readers.pairs=4",
         ]
     )
     results = build(cfg)
@@ -163,6 +165,9 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
         for name in ("generated", "rendered"):
             assert set(probe[f"{reader}/{name}"]) == {"class", "context", "colour"}
     assert probe["probe_loss"][1] < probe["probe_loss"][0]
+    rows = results["readers"]["rows"]
+    assert len(rows) == 4 * 2 + 2 * 2 and all(0 <= r["win_rate"] <= 1 for r in rows)
+    assert (out / "readers" / "readers.md").read_text().count("\n") == len(rows) + 2
 
 
 def test_unknown_stage_is_rejected_before_work(tmp_path):
@@ -222,6 +227,16 @@ def test_ground_truth_draws_the_subject_in_each_prompts_context(tmp_path):
     assert np.array_equal(np.asarray(truth("a teapot", 5)), np.asarray(prior))
     with pytest.raises(ValueError, match="'a sks teapot on the moon' names no context"):
         truth("a sks teapot on the moon", 0)
+
+
+@needs_toyworld
+def test_div_reader_sees_pose_and_layout_on_the_shipped_vae():
+    """The readers stage at a small scale on the shipped world: DIV's VAE-feature distance puts varied renders
+    of one prompt farther apart than near-duplicates (the shipped table: 200 pairs per case)."""
+    cfg = compose_toyworld(["readers.pairs=24"])
+    rows = validate_readers(cfg.readers, TOYWORLD, cfg.data.size, seed=1)["rows"]
+    vae = [r for r in rows if r["test"] == "diversity" and r["reader"].startswith("toy VAE")]
+    assert len(vae) == 2 and all(r["win_rate"] >= 0.95 and r["passes"] for r in vae), vae
 
 
 @needs_toyworld

@@ -10,6 +10,7 @@ Stages (each reads what earlier stages saved under `out_dir`, so a crash loses o
   subjects  the toy subjects' photos and prompts_and_classes.txt -> out_dir/dataset
   probe     held-out class x context x colour prompts, read back by the toy CLIP and by an attribute
             classifier trained on rendered images                       -> out_dir/probe
+  readers   do the evaluators read the subject and diversity? (toyworld/readers.py) -> out_dir/readers
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ from dreambooth_pl.losses import dreambooth_loss, snr_weights
 from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
+from dreambooth_pl.toyworld.readers import save_readers, validate_readers
 from dreambooth_pl.toyworld.subjects import write_subjects
 from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
 
 log = logging.getLogger(__name__)
 
-STAGES = ("data", "vae", "clip", "dino", "unet", "subjects", "probe")
+STAGES = ("data", "vae", "clip", "dino", "unet", "subjects", "probe", "readers")
 
 
 # --------------------------------------------------------------------------- data
@@ -504,6 +506,9 @@ def build(cfg: DictConfig) -> dict:
             write_subjects(cfg.subjects, out / "dataset", cfg.data.size)
         elif stage == "probe":
             results["probe"] = probe(world(), cfg.probe, out, cfg.seed)
+        elif stage == "readers":
+            results["readers"] = validate_readers(cfg.readers, out, cfg.data.size, cfg.seed)
+            save_readers(results["readers"], cfg.readers, out / "readers")
         elapsed = time.perf_counter() - start
         losses = results.get(stage)
         detail = ""
