@@ -120,6 +120,8 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
             "vae.batch_size=8",
             "clip.batch_size=16",
             "dino.batch_size=8",
+            "dino.hard_negatives=2",
+            "dino.hard_pool=8",
             "unet.batch_size=8",
             "unet.lr=2e-3",
             "probe.colours_per_pair=1",
