@@ -132,6 +132,7 @@ def load_run(path: Path) -> dict:
         "num_prompts": meta.get("num_prompts"),
         "images_per_prompt": meta.get("images_per_prompt"),
         "div_backend": record.get("div_backend"),
+        "dino_model": meta.get("dino_model"),
         "tags": ";".join(meta.get("tags") or []),
         "grid": str(path.parent / record.get("grids", {}).get("grid", "grid.png")),
         "real_images_dir": meta.get("real_images_dir"),
@@ -327,6 +328,12 @@ def paired_comparisons(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _marked_labels(runs: list[dict], labels: dict[str, str]) -> dict[str, str]:
+    """Column headers with the metrics whose reader failed its validation marked."""
+    failed = unvalidated_columns(runs)
+    return {name: f"{label} (reader NOT validated)" if name in failed else label for name, label in labels.items()}
+
+
 def paired_markdown(rows: list[dict], labels: dict[str, str]) -> str:
     lines = [
         "",
@@ -355,6 +362,25 @@ def _cell(row: dict, name: str) -> str:
     return f"{mean:.3f} ± {se:.3f}" if se is not None else f"{mean:.3f}"
 
 
+READERS_FILE = Path("readers") / "readers.json"  # the toy world's readers stage, beside its dino/ folder
+
+
+def unvalidated_columns(runs: list[dict]) -> dict[str, str]:
+    """Metric -> the readers table whose test its reader failed (`readers.json` beside the runs' DINO model,
+    written by the toy world's readers stage); metrics with no such table are not judged here."""
+    failed = {}
+    for run in runs:
+        if not run.get("dino_model"):
+            continue
+        table = Path(run["dino_model"]).parent / READERS_FILE
+        if not table.is_file():
+            continue
+        for row in json.loads(table.read_text())["rows"]:
+            if not row["passes"] and row.get("div_backend", run["div_backend"]) == run["div_backend"]:
+                failed.update(dict.fromkeys(row["columns"], str(table)))
+    return failed
+
+
 def div_label(backends: Sequence[str]) -> str:
     """The DIV column's header says when our numbers are not the paper's LPIPS."""
     if any(b != "lpips" for b in backends):
@@ -364,7 +390,7 @@ def div_label(backends: Sequence[str]) -> str:
 
 def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[str]) -> str:
     backends = sorted({r["div_backend"] for r in runs if r["div_backend"]})
-    labels = {**LABELS, "div": div_label(backends)}
+    labels = _marked_labels(runs, {**LABELS, "div": div_label(backends)})
     lines = [
         "# DreamBooth evaluation report",
         "",
@@ -379,6 +405,11 @@ def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[
             else "."
         ),
     ]
+    failed = unvalidated_columns(runs)
+    if failed:
+        names = ", ".join(LABELS[m] for m in LABELS if m in failed)
+        where = sorted(set(failed.values()))[0]
+        lines.append(f"NOT VALIDATED: {names}: their readers failed the readers test in {where}.")
     if "vae" in backends:
         lines.append(
             "DIV vae: an LPIPS-style distance on the toy VAE encoder's feature maps (no learned weights); not the"
@@ -419,7 +450,8 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path) -> dict[st
         written["language_drift"] = save_atomically(drift, out / "language_drift.png")
     paired = paired_comparisons(runs)
     backends = sorted({r["div_backend"] for r in runs if r["div_backend"]})
-    paired_text = paired_markdown(paired, {**LABELS, "div": div_label(backends)}) if paired else ""
+    labels = _marked_labels(runs, {**LABELS, "div": div_label(backends)})
+    paired_text = paired_markdown(paired, labels) if paired else ""
     written["report"].write_text(markdown(tables, runs, paths) + paired_text + _drift_note(written))
     _write_csv(runs, [k for k in runs[0] if k != "pres_images"], written["runs"])
     for name, rows in tables.items():

@@ -181,6 +181,24 @@ def test_rows_are_compared_by_paired_differences_per_subject(tmp_path):
     assert len(list(csv.DictReader(written["paired"].open()))) == len(rows)
 
 
+def test_columns_whose_reader_failed_its_validation_are_marked(tmp_path):
+    """A readers table beside the runs' DINO model (the toy world's readers stage) marks failed columns."""
+    world = tmp_path / "world"
+    rows = [
+        {"columns": ["dino", "pres"], "passes": False},
+        {"columns": ["clip_i"], "passes": True},
+        {"columns": ["div"], "passes": True, "div_backend": "dino"},
+        {"columns": ["div"], "passes": False, "div_backend": "vae"},  # another DIV backend than the runs'
+    ]
+    (world / "readers").mkdir(parents=True)
+    (world / "readers" / "readers.json").write_text(json.dumps({"rows": rows}))
+    write_run(tmp_path / "runs", "a", "teapot", 0.5, dino_model=str(world / "dino"))
+    text = write_report([tmp_path / "runs"], tmp_path / "report")["report"].read_text()
+    div = "DIV (dino: NOT LPIPS, compare directions only)"
+    assert f"| PRES (reader NOT validated) | {div} | DINO (reader NOT validated) |" in text
+    assert "| CLIP-I |" in text and "NOT VALIDATED: PRES, DINO: their readers failed" in text
+
+
 def test_nothing_to_report_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="No eval/metrics.json under"):
         main([str(tmp_path)])

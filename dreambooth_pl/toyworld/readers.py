@@ -11,7 +11,8 @@ Diversity (DIV's distance): two renders of one prompt with their own pose, layou
 farther apart than a near-duplicate (the same render nudged by a couple of degrees and pixels), in
 `win_rate` of the pairs; also with only the pose varied (same background).
 
-Writes `<out>/readers/readers.json` and `readers.md` (the table docs/toy_world.md shows).
+Writes `<out>/readers/readers.json` and `readers.md` (the table docs/toy_world.md shows); the report marks
+the columns of a reader that fails (readers.json beside the evaluated DINO model).
 """
 
 from __future__ import annotations
@@ -88,30 +89,31 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
 def validate_readers(cfg: DictConfig, out: Path, size: int, seed: int) -> dict:
     """Every reader's test (module docstring) on the models under `out`: the table's rows."""
     preprocess = Preprocess(**cfg.preprocess)
-    embedders: dict[str, Callable[[list[Image.Image]], Tensor]] = {
-        "DINO stand-in (DINO, PRES)": DinoEmbedder(str(out / "dino"), preprocess, cfg.batch_size, "cpu").images,
-        "toy CLIP (CLIP-I)": ClipEmbedder(str(out / "clip"), preprocess, cfg.batch_size, "cpu").images,
+    dino = DinoEmbedder(str(out / "dino"), preprocess, cfg.batch_size, "cpu").images
+    embedders: dict[tuple[str, tuple[str, ...]], Callable[[list[Image.Image]], Tensor]] = {
+        ("DINO stand-in (DINO, PRES)", ("dino", "pres")): dino,
+        ("toy CLIP (CLIP-I)", ("clip_i",)): ClipEmbedder(str(out / "clip"), preprocess, cfg.batch_size, "cpu").images,
     }
     rng = np.random.default_rng([seed, 17])  # its own stream: no stage's draws move
     rows = []
     for kind in LOOKALIKES:
         images = identity_pairs(rng, cfg.pairs, kind, size)
-        for reader, embed in embedders.items():
+        for (reader, columns), embed in embedders.items():
             anchor, positive, negative = (embed(group) for group in images)
             gap = _cosine(anchor, positive) - _cosine(anchor, negative)
-            rows.append(_row("identity", reader, f"look-alike: other {kind}", gap, cfg.gap))
+            rows.append(_row("identity", reader, columns, f"look-alike: other {kind}", gap, cfg.gap))
     vae = vae_feature_distance(str(out / "pipeline" / "vae"), "cpu")
-    dino = embedders["DINO stand-in (DINO, PRES)"]
-    distances = {
-        "toy VAE features, LPIPS-style (DIV)": lambda group: (lpips_input(group), vae),
-        "1 - cosine of the DINO stand-in": lambda group: (dino(group), cosine_distance),
+    distances = {  # DIV's backends (eval.div.backend)
+        ("toy VAE features, LPIPS-style (DIV)", "vae"): lambda group: (lpips_input(group), vae),
+        ("1 - cosine of the DINO stand-in", "dino"): lambda group: (dino(group), cosine_distance),
     }
     firsts, varied, pose, near = diversity_pairs(rng, cfg.pairs, size)
-    for reader, prepare in distances.items():
+    for (reader, backend), prepare in distances.items():
         (first, distance), (dup, _) = prepare(firsts), prepare(near)
         for name, group in (("varied pose, layout, background", varied), ("varied pose only", pose)):
             gap = distance(first, prepare(group)[0]) - distance(first, dup)
-            rows.append(_row("diversity", reader, f"{name} vs near-duplicate", gap, None))
+            row = _row("diversity", reader, ("div",), f"{name} vs near-duplicate", gap, None)
+            rows.append({**row, "div_backend": backend})
     for row in rows:
         row["passes"] = row["win_rate"] >= cfg.win_rate and (row["gap_needed"] is None or row["gap"] >= cfg.gap)
     return {"rows": rows}
@@ -123,10 +125,11 @@ def save_readers(result: dict, cfg: DictConfig, folder: Path) -> None:
     (folder / "readers.md").write_text(readers_table(result["rows"], cfg))
 
 
-def _row(test: str, reader: str, case: str, gap: Tensor, gap_needed: float | None) -> dict:
+def _row(test: str, reader: str, columns: tuple[str, ...], case: str, gap: Tensor, gap_needed: float | None) -> dict:
     return {
         "test": test,
         "reader": reader,
+        "columns": list(columns),  # the report's metrics this reader scores
         "case": case,
         "win_rate": float((gap > 0).float().mean()),
         "gap": float(gap.mean()),
