@@ -6,7 +6,8 @@ DINO between the model's images of the bare class and the real subject; lower is
 diversity (DIV: distance between images of the same prompt). Results go to `<output_dir>/eval/`.
 
 Training calls `evaluate_run` after export when `eval.enabled` is true; on its own:
-`python -m dreambooth_pl.evaluate run_dir=<training run>` or `pipeline=<exported folder>`.
+`python -m dreambooth_pl.evaluate run_dir=<training run>` or `pipeline=<exported folder>`, or a base model
+with `pipeline=<folder> subject=<name> identifier=sks`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from dreambooth_pl.metrics import (
     lpips_distance,
     lpips_input,
     self_similarity,
+    vae_feature_distance,
 )
 from dreambooth_pl.models import loaded_pipeline, model_fingerprint, require_reachable
 from dreambooth_pl.prompts import fill_prompt
@@ -208,6 +210,15 @@ def generate_missing(
         return len(todo)
 
 
+def draw_images(draw: Callable[[str, int], Image.Image], jobs: list[ImageJob], images_dir: Path) -> int:
+    """Every job's image from `draw` (cheap: nothing is reused, and no model manifest applies)."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    (images_dir / MANIFEST).unlink(missing_ok=True)
+    for job in jobs:
+        save_atomically(draw(job.prompt, job.seed), images_dir / job.file)
+    return len(jobs)
+
+
 def _grid(images: list[Image.Image], cols: int | None, cell: int) -> Image.Image:
     """Cells of at most `cell` pixels: 100 images at 512 px would make a grid too big to look at or log."""
     return image_grid(
@@ -243,7 +254,7 @@ def check_eval_config(cfg: DictConfig) -> None:
 
 
 def evaluate_run(
-    pipeline_dir: str,
+    pipeline_dir: str | None,
     output_dir: str,
     eval_cfg: DictConfig | dict,
     real_images_dir: str,
@@ -253,6 +264,7 @@ def evaluate_run(
     instance_class_noun: str | None = None,
     run_meta: dict | None = None,
     loggers: list[Logger] | None = None,
+    draw: Callable[[str, int], Image.Image] | None = None,
 ) -> dict:
     """Generate (or reuse) the evaluation images, score them, write `<output_dir>/eval/metrics.json`.
 
@@ -260,6 +272,8 @@ def evaluate_run(
     `instance_class_noun` is the noun the instance prompt used, which fills the prompts (default: the same).
     `run_meta` says how the model was trained (see `run_meta_from_config`); it is stored for the report.
     Summary metrics go to each logger; a W&B logger also gets a table of every image with its scores.
+    `draw(prompt, seed)`, when given, makes the images instead of a model (`pipeline_dir` None): the toy
+    renderer's ground truth, a control row.
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
@@ -279,9 +293,15 @@ def evaluate_run(
     dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
     clip = ClipEmbedder(cfg.clip.model, Preprocess(**_preprocess(cfg.clip)), cfg.embed_batch_size, cfg.device)
     div_backend = choose_div_backend(cfg.div.backend) if cfg.div.enabled else None
-    distance = lpips_distance(cfg.div.lpips_net, cfg.device) if div_backend == "lpips" else cosine_distance
+    distance = {
+        "lpips": lambda: lpips_distance(cfg.div.lpips_net, cfg.device),
+        "vae": lambda: vae_feature_distance(cfg.div.vae, cfg.device),
+    }.get(div_backend, lambda: cosine_distance)()
 
-    generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
+    if draw is None:
+        generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
+    else:
+        generated = draw_images(draw, jobs + pres_jobs, images_dir)
     images = [load_rgb(images_dir / j.file) for j in jobs]
     pres_images = [load_rgb(images_dir / j.file) for j in pres_jobs]
 
@@ -290,9 +310,9 @@ def evaluate_run(
         prompts, jobs, images, pres_images, real, dino, clip, distance, div_backend
     )
 
-    run_info = read_run_info(pipeline_dir)
+    run_info = read_run_info(pipeline_dir) if pipeline_dir else {}
     metadata = {
-        "method": run_info.get("method", "dreambooth"),
+        "method": run_info.get("method", "dreambooth") if run_info else "base",  # no dreambooth.json: not fine-tuned
         "model": Path(str(run_info.get("base_model", ""))).name or None,
         "prior_enabled": None,
         "prior_weight": None,
@@ -306,7 +326,7 @@ def evaluate_run(
         "class_noun": class_noun,
         "instance_class_noun": noun,
         "class_noun_condition": class_noun_condition(class_noun, noun),
-        "pipeline": str(Path(pipeline_dir).resolve()),
+        "pipeline": str(Path(pipeline_dir).resolve()) if pipeline_dir else None,
         "real_images_dir": str(Path(real_images_dir).resolve()),
         "prompt_set": prompt_set,
         "eval_seed": cfg.seed,
@@ -381,7 +401,7 @@ def _score(
     if pres_images:
         pres.update(dino.images(pres_images))
 
-    div_inputs = lpips_input(images) if div_backend == "lpips" else image_dino
+    div_inputs = lpips_input(images) if div_backend in ("lpips", "vae") else image_dino
     diversity = Diversity(distance)
     for p in prompts if div_backend else []:
         diversity.update(div_inputs[[k for k, j in enumerate(jobs) if j.prompt_index == p.index]])
@@ -482,20 +502,25 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     run_meta.update(OmegaConf.to_container(cfg.run_meta, resolve=True))
 
     def pick(option: str, *candidates):
-        value = next((c for c in (cfg[option], *candidates) if c is not None), None)
+        value = next((c for c in candidates if c is not None), None)
         if value is None:
             raise ConfigError(f"{option} is not in {pipeline / 'dreambooth.json'}: pass {option}=...")
         return str(value)
 
-    subject = pick("subject", info.get("subject"))
-    identifier = pick("identifier", info.get("identifier"))
+    def chosen(key: str):  # what the command line's subject=/identifier= groups set
+        return OmegaConf.select(cfg, key, default=None)
+
+    subject = pick("subject", chosen("subject.name"), info.get("subject"))
+    identifier = pick("identifier", chosen("identifier.token"), info.get("identifier"))
     saved_class = OmegaConf.select(saved, "subject.class_noun", throw_on_resolution_failure=False) if saved else None
     table = read_class_table(cfg.eval.prompts_file)
-    class_noun = pick("class_noun", saved_class, table.get(subject), info.get("class_noun"))
-    noun = pick("instance_class_noun", info.get("class_noun"), class_noun)
+    candidates = (chosen("subject.class_noun"), saved_class, table.get(subject), info.get("class_noun"))
+    class_noun = pick("subject.class_noun", *candidates)
+    noun = pick("instance_class_noun", cfg.instance_class_noun, info.get("class_noun"), class_noun)
     # the photos the run trained on (dreambooth.json), for exports older than that the dataset's folder
     dataset_photos = str(Path(cfg.paths.dreambooth_root) / "dataset" / subject)
-    real_images_dir = cfg.real_images_dir or info.get("instance_dir") or dataset_photos
+    photos = (cfg.real_images_dir, chosen("subject.instance_dir"), info.get("instance_dir"), dataset_photos)
+    real_images_dir = next(p for p in photos if p)
 
     # the training run's W&B run gets the evaluation (same id); a run without one gets a new eval run
     loggers = [instantiate(cfg.logger.wandb, save_dir=str(run_dir))] if cfg.logger.wandb else []

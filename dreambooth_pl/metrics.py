@@ -261,9 +261,12 @@ def lpips_unavailable_reason() -> str | None:
 
 
 def choose_div_backend(backend: str) -> str:
-    """auto -> lpips when it imports, else dino; an explicit lpips that cannot import is an error."""
-    if backend not in ("auto", "lpips", "dino"):
-        raise ValueError(f"eval.div.backend={backend!r}: use auto, lpips or dino.")
+    """auto -> lpips when it imports, else dino; an explicit lpips that cannot import is an error; vae is
+    the LPIPS-style distance on a VAE encoder's feature maps (`vae_feature_distance`)."""
+    if backend not in ("auto", "lpips", "dino", "vae"):
+        raise ValueError(f"eval.div.backend={backend!r}: use auto, lpips, dino or vae.")
+    if backend == "vae":
+        return "vae"
     if backend == "dino":
         warn_div_not_lpips()
         return "dino"
@@ -306,6 +309,30 @@ def lpips_distance(net: str = "alex", device: str | None = None) -> Callable[[Te
     @torch.no_grad()
     def distance(a: Tensor, b: Tensor) -> Tensor:
         return model(a.to(target), b.to(target)).flatten().cpu()
+
+    return distance
+
+
+def vae_feature_distance(vae_path: str, device: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """LPIPS's recipe without its learned weights, on a VAE encoder (the toy world's, which saw every pose,
+    layout and background): each stage's feature map unit-normalised over channels, the squared difference
+    averaged over positions, then over stages. Unlike DINO, which is trained to map every view of an object
+    to one point, it sees where things are, so it can read DIV's pose and layout diversity."""
+    from diffusers import AutoencoderKL
+
+    target = _default_device(device)
+    encoder = _from_pretrained(AutoencoderKL, vae_path, "eval.div.vae").encoder.to(target).eval()
+
+    def features(x: Tensor) -> list[Tensor]:
+        maps = [encoder.conv_in(x)]
+        for block in encoder.down_blocks:
+            maps.append(block(maps[-1]))
+        return [F.normalize(m, dim=1) for m in maps]
+
+    @torch.no_grad()
+    def distance(a: Tensor, b: Tensor) -> Tensor:
+        pairs = zip(features(a.to(target)), features(b.to(target)))
+        return torch.stack([(fa - fb).pow(2).sum(1).mean((1, 2)) for fa, fb in pairs]).mean(0).cpu()
 
     return distance
 

@@ -4,17 +4,21 @@
 `eval/metrics.json`, groups the runs by how they were trained (method, model, prior weight, class noun in
 the instance prompt, all read from the files' metadata), averages per subject first and then reports the
 mean and standard error over subjects, with the paper's published numbers beside ours, labelled "paper".
-Writes report.md, table1.csv, table3.csv, table4.csv, runs.csv (one row per run) and, where a subject has a
-base-model evaluation and DreamBooth runs with and without prior preservation, language_drift.png.
+Rows are compared by per-subject paired differences with 95% t-intervals ("Paired differences").
+Writes report.md, table1.csv, table3.csv, table4.csv, paired.csv, runs.csv (one row per run) and, where a
+subject has a base-model evaluation and DreamBooth runs with and without prior preservation,
+language_drift.png.
 
-`SweepReport`, a Hydra callback (experiment=toy_paper), evaluates the base model on the swept subjects when
-a sweep ends and writes the report into the sweep folder.
+`SweepReport`, a Hydra callback (experiment=toy_paper), evaluates the control rows (base model; for toy
+subjects also base model + attribute words and the renderer's ground truth) on the swept subjects when a
+sweep ends and writes the report into the sweep folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -38,12 +42,19 @@ LABELS = {
     "clip_t": "CLIP-T",
 }
 BASE = "base"  # the method of a base-model evaluation: nothing was fine-tuned
+# control rows (toy subjects): the base model prompted with the subject's attributes instead of the identifier,
+# and the renderer's own drawing of the subject in each prompt's context (the ceiling)
+ATTRIBUTE_WORDS, RENDERER = "attribute_words", "renderer"
+CONTROLS = {ATTRIBUTE_WORDS: "Base model + attribute words", RENDERER: "Renderer ground truth"}
 METHODS = {
     BASE: "Base model",
+    **CONTROLS,
     "dreambooth": "DreamBooth",
     "lora": "LoRA DreamBooth",
     "textual_inversion": "Textual Inversion",
 }
+# Table 1's comparisons are A - B with A earlier here: the ceiling first, the baselines last.
+COMPARISON_ORDER = (RENDERER, "dreambooth", "lora", "textual_inversion", ATTRIBUTE_WORDS, BASE)
 CONDITIONS = {"correct": "Correct Class", "none": "No Class", "wrong": "Wrong Class"}
 
 # Ruiz et al., DreamBooth, CVPR 2023. Table 1 and 3 use 30 subjects x 25 prompts x 4 images.
@@ -82,6 +93,7 @@ TABLES = {
         ],
     },
 }
+PAIRED_COLUMNS = ["table", "comparison", "metric", "subjects", "mean", "ci_low", "ci_high", "excludes_0"]
 KEY_COLUMNS = ["source", "row", "method", "model", "prior_weight", "class_noun_condition", "subjects", "runs"]
 
 
@@ -139,6 +151,7 @@ def load_run(path: Path) -> dict:
         "num_prompts": meta.get("num_prompts"),
         "images_per_prompt": meta.get("images_per_prompt"),
         "div_backend": record.get("div_backend"),
+        "dino_model": meta.get("dino_model"),
         "tags": ";".join(meta.get("tags") or []),
         "grid": str(path.parent / record.get("grids", {}).get("grid", "grid.png")),
         "real_images_dir": meta.get("real_images_dir"),
@@ -175,6 +188,10 @@ def summarize(runs: list[dict], metrics: Sequence[str]) -> dict:
 def _label(method: str, model: str, prior_weight: float | None) -> str:
     if method == BASE:
         return f"{METHODS[BASE]} ({model}, no fine-tuning)"
+    if method == ATTRIBUTE_WORDS:
+        return f"{METHODS[method]} ({model}, no fine-tuning; control)"
+    if method == RENDERER:
+        return f"{METHODS[method]} (the subject in each prompt's context; control)"
     if prior_weight is None:
         prior = "prior unknown"
     else:
@@ -234,11 +251,153 @@ def build_tables(runs: list[dict]) -> dict[str, list[dict]]:
     return {name: rows + _paper_rows(name) for name, rows in tables.items()}
 
 
+# --------------------------------------------------------------------------- paired comparisons
+# Every row is scored on the same subjects (and seeds), and subjects differ far more from each other than
+# rows do, so rows are compared by per-subject differences, not by their unpaired standard errors.
+
+
+def _t_central_mass(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with an integer df: the closed-form finite sums (Abramowitz-Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, total, term = math.cos(theta) ** 2, 0.0, 1.0
+    if df % 2:
+        for k in range((df - 1) // 2):
+            total, term = total + term, term * (2 * k + 2) / (2 * k + 3) * c2
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    for k in range(df // 2):
+        total, term = total + term, term * (2 * k + 1) / (2 * k + 2) * c2
+    return math.sin(theta) * total
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p quantile (p > 0.5) of Student's t by bisection on its exact CDF: no SciPy needed."""
+    lo, hi = 0.0, 1.0
+    while _t_central_mass(hi, df) < 2 * p - 1:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central_mass(mid, df) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float], level: float = 0.95) -> dict | None:
+    """Mean of the per-subject differences a - b over the subjects both have, with its t-interval."""
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"subjects": 1, "mean": mean, "ci_low": None, "ci_high": None}
+    half = t_quantile((1 + level) / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"subjects": len(diffs), "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def _per_subject(runs: list[dict], metric: str) -> dict[str, float]:
+    """Each subject's mean over its runs (seeds)."""
+    by_subject = defaultdict(list)
+    for run in runs:
+        if run.get(metric) is not None and math.isfinite(run[metric]):
+            by_subject[run["subject"]].append(run[metric])
+    return {subject: statistics.fmean(values) for subject, values in by_subject.items()}
+
+
+def _pairs(runs: list[dict]) -> list[tuple[str, str, list[dict], list[dict]]]:
+    """(table, "A - B", runs of A, runs of B) for every comparison the tables invite: Table 1's rows against
+    each other (methods and controls), Table 3's prior weights against lambda 0, Table 4's correct noun
+    against none and wrong."""
+    order = list(COMPARISON_ORDER)
+    training = ("method", "model", "prior_weight")
+    correct = [r for r in runs if r["class_noun_condition"] == "correct"]
+    groups = sorted(
+        _grouped(correct, training),
+        key=lambda item: (order.index(item[0][0]) if item[0][0] in order else len(order), str(item[0][1:])),
+    )
+    pairs = []
+    for i, ((method, model, weight), a) in enumerate(groups):
+        for (other, other_model, other_weight), b in groups[i + 1 :]:
+            label = f"{_label(method, model, weight)} − {_label(other, other_model, other_weight)}"
+            if (method, model) != (other, other_model):
+                pairs.append(("table1", label, a, b))
+            elif weight and other_weight == 0:
+                pairs.append(("table3", label, a, b))
+            elif other_weight and weight == 0:
+                pairs.append(("table3", f"{_label(other, model, other_weight)} − {_label(method, model, 0.0)}", b, a))
+    by_condition = dict(_grouped(runs, (*training, "class_noun_condition")))
+    for (method, model, weight, condition), a in by_condition.items():
+        if condition != "correct":
+            continue
+        for other in ("none", "wrong"):
+            b = by_condition.get((method, model, weight, other))
+            if b:
+                label = f"{_label(method, model, weight)}: {CONDITIONS['correct']} − {CONDITIONS[other]}"
+                pairs.append(("table4", label, a, b))
+    return pairs
+
+
+def paired_comparisons(runs: list[dict]) -> list[dict]:
+    """One row per comparison and metric: the per-subject paired difference and its 95% t-interval."""
+    rows = []
+    for table, label, a, b in _pairs(runs):
+        for metric in TABLES[table]["metrics"]:
+            found = paired_difference(_per_subject(a, metric), _per_subject(b, metric))
+            if found is not None:
+                low, high = found["ci_low"], found["ci_high"]
+                excludes = None if low is None else (low > 0 or high < 0)
+                rows.append({"table": table, "comparison": label, "metric": metric, **found, "excludes_0": excludes})
+    return rows
+
+
+def _marked_labels(runs: list[dict], labels: dict[str, str]) -> dict[str, str]:
+    """Column headers with the metrics whose reader failed its validation marked."""
+    failed = unvalidated_columns(runs)
+    return {name: f"{label} (reader NOT validated)" if name in failed else label for name, label in labels.items()}
+
+
+def paired_markdown(rows: list[dict], labels: dict[str, str]) -> str:
+    lines = [
+        "",
+        "## Paired differences",
+        "",
+        "Row A − row B per subject (each subject's runs averaged first), then the mean over the subjects both",
+        "rows have, with a 95% Student-t interval; **bold**: the interval excludes 0 (a difference the data",
+        "support), otherwise the rows are not told apart. With one subject there is no interval.",
+        "",
+        "| table | comparison (A − B) | metric | subjects | difference | 95% interval |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        interval = "n/a" if row["ci_low"] is None else f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        mean = f"{row['mean']:+.3f}"
+        cells = [row["table"], row["comparison"], labels[row["metric"]], str(row["subjects"])]
+        cells += [f"**{mean}**" if row["excludes_0"] else mean, interval]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(row: dict, name: str) -> str:
     mean, se = row.get(f"{name}_mean"), row.get(f"{name}_se")
     if mean is None:
         return "N/A"
     return f"{mean:.3f} ± {se:.3f}" if se is not None else f"{mean:.3f}"
+
+
+READERS_FILE = Path("readers") / "readers.json"  # the toy world's readers stage, beside its dino/ folder
+
+
+def unvalidated_columns(runs: list[dict]) -> dict[str, str]:
+    """Metric -> the readers table whose test its reader failed (`readers.json` beside the runs' DINO model,
+    written by the toy world's readers stage); metrics with no such table are not judged here."""
+    failed = {}
+    for run in runs:
+        if not run.get("dino_model"):
+            continue
+        table = Path(run["dino_model"]).parent / READERS_FILE
+        if not table.is_file():
+            continue
+        for row in json.loads(table.read_text())["rows"]:
+            if not row["passes"] and row.get("div_backend", run["div_backend"]) == run["div_backend"]:
+                failed.update(dict.fromkeys(row["columns"], str(table)))
+    return failed
 
 
 def div_label(backends: Sequence[str]) -> str:
@@ -250,7 +409,7 @@ def div_label(backends: Sequence[str]) -> str:
 
 def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[str]) -> str:
     backends = sorted({r["div_backend"] for r in runs if r["div_backend"]})
-    labels = {**LABELS, "div": div_label(backends)}
+    labels = _marked_labels(runs, {**LABELS, "div": div_label(backends)})
     lines = [
         "# DreamBooth evaluation report",
         "",
@@ -265,6 +424,16 @@ def markdown(tables: dict[str, list[dict]], runs: list[dict], sources: Sequence[
             else "."
         ),
     ]
+    failed = unvalidated_columns(runs)
+    if failed:
+        names = ", ".join(LABELS[m] for m in LABELS if m in failed)
+        where = sorted(set(failed.values()))[0]
+        lines.append(f"NOT VALIDATED: {names}: their readers failed the readers test in {where}.")
+    if "vae" in backends:
+        lines.append(
+            "DIV vae: an LPIPS-style distance on the toy VAE encoder's feature maps (no learned weights); not the"
+            " paper's LPIPS scale."
+        )
     for name, rows in tables.items():
         metrics = TABLES[name]["metrics"]
         lines += ["", f"## {TABLES[name]['title']}", ""]
@@ -301,12 +470,18 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path) -> dict[st
     drift = language_drift_grid(runs)
     if drift is not None:
         written["language_drift"] = save_atomically(drift, out / "language_drift.png")
-    written["report"].write_text(with_gaps(markdown(tables, runs, paths), gaps) + _drift_note(written))
+    paired = paired_comparisons(runs)
+    backends = sorted({r["div_backend"] for r in runs if r["div_backend"]})
+    labels = _marked_labels(runs, {**LABELS, "div": div_label(backends)})
+    paired_text = paired_markdown(paired, labels) if paired else ""
+    written["report"].write_text(with_gaps(markdown(tables, runs, paths) + paired_text, gaps) + _drift_note(written))
     _write_csv(runs, [k for k in runs[0] if k != "pres_images"], written["runs"])
     for name, rows in tables.items():
         stats = [f"{m}_{s}" for m in TABLES[name]["metrics"] for s in ("mean", "se")]
         written[name] = out / f"{name}.csv"
         _write_csv(rows, KEY_COLUMNS + stats, written[name])
+    written["paired"] = out / "paired.csv"
+    _write_csv(paired, PAIRED_COLUMNS, written["paired"])
     return written
 
 
@@ -402,11 +577,16 @@ def _drift_note(written: dict[str, Path]) -> str:
 
 
 class SweepReport(Callback):
-    """When a sweep ends: evaluate the base model on the swept subjects (Table 1's reference row and the
-    language-drift grid's first row), then write the report into `<sweep dir>/report`."""
+    """When a sweep ends: evaluate the control rows on the swept subjects, then write the report into
+    `<sweep dir>/report`. The base model with the runs' identifier is Table 1's reference row and the
+    language-drift grid's first row; for toy subjects (subjects.json beside their photos) also the base model
+    prompted with `attribute_words` (filled from the subject's description, e.g. "{colour}": "a blue teapot
+    in the jungle") in place of the identifier, the baseline personalization must beat, and the renderer's
+    ground truth, the ceiling."""
 
-    def __init__(self, base_model: str | dict | None = None) -> None:
+    def __init__(self, base_model: str | dict | None = None, attribute_words: str | None = None) -> None:
         self.base_model = base_model
+        self.attribute_words = attribute_words
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -416,27 +596,42 @@ class SweepReport(Callback):
             return
         written = write_report([sweep_dir], sweep_dir / "report")  # a stop during the base evaluation keeps it
         if self.base_model:
-            self.evaluate_base(config, sweep_dir, [r for r in runs if r["method"] != BASE])
+            self.evaluate_controls(config, sweep_dir, [r for r in runs if r["method"] not in (BASE, *CONTROLS)])
             written = write_report([sweep_dir], sweep_dir / "report")
         print(f"[report] {written['report']}")
 
-    def evaluate_base(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
+    def evaluate_controls(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
         from dreambooth_pl.config_utils import resolve_path
         from dreambooth_pl.evaluate import evaluate_run  # diffusers and transformers load only here
+        from dreambooth_pl.toyworld.subjects import GroundTruth
 
         base_model = resolve_path(self.base_model)  # a folder, or the tiny model's `_target_` that builds one
+        eval_cfg = OmegaConf.to_container(config.eval, resolve=True)
+        model = OmegaConf.select(config, "model.name")
         for subject in sorted({r["subject"] for r in runs}):
             run = next(r for r in runs if r["subject"] == subject)
-            evaluate_run(
-                base_model,
-                str(sweep_dir / BASE / subject),
-                OmegaConf.to_container(config.eval, resolve=True),
-                run["real_images_dir"],
-                subject,
-                run["class_noun"],
-                run["identifier"],
-                run_meta={"method": BASE, "model": OmegaConf.select(config, "model.name"), "steps": 0},
-            )
+
+            def control(method: str, pipeline: str | None, identifier: str, draw=None, run=run) -> None:
+                evaluate_run(
+                    pipeline,
+                    str(sweep_dir / method / run["subject"]),
+                    eval_cfg,
+                    run["real_images_dir"],
+                    run["subject"],
+                    run["class_noun"],
+                    identifier,
+                    run_meta={"method": method, "model": model, "steps": 0},
+                    draw=draw,
+                )
+
+            control(BASE, base_model, run["identifier"])
+            truth = GroundTruth.of(run["real_images_dir"], run["identifier"])
+            if truth is None:
+                continue
+            if self.attribute_words:
+                words = self.attribute_words.format(**dataclasses.asdict(truth.instance))
+                control(ATTRIBUTE_WORDS, base_model, words)
+            control(RENDERER, None, run["identifier"], draw=truth)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -188,6 +188,29 @@ def test_bad_eval_values_are_named(tmp_path):
         find_export(tmp_path)
 
 
+def test_a_base_model_is_evaluated_from_the_command_line(tmp_path):
+    """`pipeline=<base model> subject=<name> identifier=sks`: no dreambooth.json, so the subject, its photos,
+    class and the identifier come from the subject and identifier groups, and the row is the base model's."""
+    toyworld = REPO / "toyworld"
+    overrides = [f"paths.toyworld_dir={toyworld}", f"pipeline={toyworld / 'pipeline'}", "subject=toy_teapot"]
+    overrides += ["identifier=sks", "eval=toy", "eval.num_prompts=1", "eval.images_per_prompt=2"]
+    overrides += ["eval.sampler.num_inference_steps=2", "eval.pres.num_images=2", f"output_dir={tmp_path}"]
+    result = evaluate_from_config(compose_eval([*overrides, "logger.wandb=null"]))
+    assert result["generated"] == 4
+    meta = read_metrics(tmp_path)["metadata"]
+    assert (meta["method"], meta["subject"], meta["identifier"], meta["class_noun"]) == (
+        "base",
+        "toy_teapot",
+        "sks",
+        "teapot",
+    )
+    assert meta["real_images_dir"] == str(toyworld / "dataset" / "toy_teapot")
+    assert meta["pres_prompt"] == "a teapot" and meta["num_real"] == 5
+    assert read_metrics(tmp_path)["images"][0]["prompt"] == "a sks teapot in the jungle"
+    with pytest.raises(ValueError, match="identifier is not in .*dreambooth.json: pass identifier="):
+        evaluate_from_config(compose_eval([*overrides[:3], "eval=toy", "logger.wandb=null"]))
+
+
 # --------------------------------------------------------------------------- resumable generation
 
 

@@ -74,9 +74,10 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
+def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
     """experiment=toy_paper as a user runs it, cut to 1 subject, 1 seed and a few steps: every toy_row trains
-    and is evaluated, then the sweep's end evaluates the base model and writes the report with the drift grid."""
+    and is evaluated, then the sweep's end evaluates the control rows (base model, base model + attribute
+    words, renderer ground truth) and writes the report with paired differences and the drift grid."""
     sweep = tmp_path / "sweep"
     args = [
         "-m",
@@ -99,14 +100,25 @@ def test_toy_paper_sweep_reports_every_row_with_the_base_model(tmp_path):
     report = sweep / "report"
     runs = list(csv.DictReader((report / "runs.csv").open()))
     assert sorted((r["method"], r["prior_weight"], r["class_noun_condition"]) for r in runs) == [
+        ("attribute_words", "", "correct"),
         ("base", "", "correct"),
         ("dreambooth", "0.0", "correct"),
         ("dreambooth", "1.0", "correct"),
         ("dreambooth", "1.0", "none"),
         ("dreambooth", "1.0", "wrong"),
         ("lora", "1.0", "correct"),
+        ("renderer", "", "correct"),
         ("textual_inversion", "0.0", "correct"),
     ]
+    attribute = json.loads((sweep / "attribute_words" / "toy_teapot" / "eval" / "metrics.json").read_text())
+    assert attribute["images"][0]["prompt"] == "a blue teapot in the jungle"  # the teapot's colour for "sks"
+    truth = json.loads((sweep / "renderer" / "toy_teapot" / "eval" / "metrics.json").read_text())
+    assert truth["metadata"]["pipeline"] is None and truth["images"][0]["prompt"] == "a sks teapot in the jungle"
+    assert truth["metrics"]["dino"] > attribute["metrics"]["dino"]  # the subject itself beats a blue teapot
+    paired = {(r["comparison"], r["metric"]) for r in csv.DictReader((report / "paired.csv").open())}
+    control = "Base model + attribute words (toy, no fine-tuning; control)"
+    assert (f"DreamBooth (toy, PPL λ=1) − {control}", "dino") in paired
+    assert ("DreamBooth (toy, PPL λ=1) − DreamBooth (toy, no PPL)", "pres") in paired
     table1 = {r["row"] for r in csv.DictReader((report / "table1.csv").open()) if r["source"] == "ours"}
     assert "Base model (toy, no fine-tuning)" in table1 and "DreamBooth (toy, PPL λ=1)" in table1
     text = (report / "report.md").read_text()

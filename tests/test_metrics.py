@@ -28,6 +28,7 @@ from dreambooth_pl.metrics import (
     lpips_distance,
     lpips_input,
     self_similarity,
+    vae_feature_distance,
     warn_div_not_lpips,
 )
 from dreambooth_pl.models import ModelNotReachable
@@ -264,4 +265,33 @@ def test_div_backend_falls_back_to_dino_without_lpips(monkeypatch, caplog):
     with pytest.raises(ImportError, match=r"eval.div.backend=lpips.*eval.div.backend=dino"):
         choose_div_backend("lpips")
     with pytest.raises(ValueError, match="eval.div.backend='clip'"):
+        choose_div_backend("clip")
+
+
+def test_vae_feature_distance_is_lpips_without_learned_weights(tmp_path):
+    """DIV's toy backend by hand: each encoder stage's map unit-normalised over channels, the squared difference
+    summed over channels, averaged over positions, then over stages; zero for an image and itself."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    distance = vae_feature_distance(str(tmp_path / "vae"), "cpu")
+    a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    assert distance(a, a).tolist() == [0.0, 0.0]
+    enc = vae.encoder.eval()
+    with torch.no_grad():
+        stages_a, stages_b = [enc.conv_in(a)], [enc.conv_in(b)]
+        for block in enc.down_blocks:
+            stages_a.append(block(stages_a[-1]))
+            stages_b.append(block(stages_b[-1]))
+    per_stage = []
+    for fa, fb in zip(stages_a, stages_b):
+        unit_a = fa / fa.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit_b = fb / fb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        per_stage.append(((unit_a - unit_b) ** 2).sum(1).mean((1, 2)))
+    assert distance(a, b).tolist() == pytest.approx(torch.stack(per_stage).mean(0).tolist(), rel=1e-5)
+    assert len(per_stage) == 3 and choose_div_backend("vae") == "vae"
+    with pytest.raises(ValueError, match="use auto, lpips, dino or vae"):
         choose_div_backend("clip")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl.report import build_tables, load_run, main, write_report
+from dreambooth_pl.report import build_tables, load_run, main, paired_comparisons, t_quantile, write_report
 from tests.conftest import REPO, needs_dataset
 from tests.test_evaluate import evaluated_sweep
 
@@ -132,6 +132,71 @@ def test_report_files(runs, capsys):
     # run folders and files can be listed one by one too
     written = write_report([runs / "a1", runs / "b" / "eval" / "metrics.json"], runs / "two")
     assert len(list(csv.DictReader(written["runs"].open()))) == 2
+
+
+def test_t_quantiles_match_the_printed_tables():
+    for df, printed in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)]:
+        assert t_quantile(0.975, df) == pytest.approx(printed, abs=5e-4)
+
+
+def test_rows_are_compared_by_paired_differences_per_subject(tmp_path):
+    dino = {  # (DreamBooth lambda 1, lambda 0, base) per subject; s1 has two DreamBooth seeds, averaged first
+        "s1": ([0.6, 0.8], 0.5, 0.1),
+        "s2": ([0.5], 0.3, 0.2),
+        "s3": ([0.9], 0.6, 0.0),
+    }
+    for subject, (with_ppl, without, base) in dino.items():
+        for seed, value in enumerate(with_ppl):
+            write_run(tmp_path, f"{subject}-ppl-{seed}", subject, value, seed=seed)
+        write_run(tmp_path, f"{subject}-no-ppl", subject, without, weight=0.0)
+        write_run(tmp_path, f"{subject}-base", subject, base, method="base", prior_weight=None, prior_enabled=None)
+    write_run(tmp_path, "s1-none", "s1", 0.2, condition="none")  # one subject: a difference, no interval
+    rows = paired_comparisons([load_run(p) for p in sorted(tmp_path.rglob("eval/metrics.json"))])
+    found = {(r["table"], r["comparison"], r["metric"]): r for r in rows}
+
+    # lambda 1 - lambda 0 per subject: 0.7 - 0.5, 0.5 - 0.3, 0.9 - 0.6 = 0.2, 0.2, 0.3
+    # mean 0.7/3, sd sqrt(((0.1/3)^2 * 2 + (0.2/3)^2) / 2) = 0.0577350, se 0.0333333, t(0.975, 2) = 4.302653
+    ppl = found[("table3", "DreamBooth (sd15, PPL λ=1) − DreamBooth (sd15, no PPL)", "dino")]
+    half = 4.302653 * 0.0577350 / math.sqrt(3)
+    assert ppl["subjects"] == 3 and ppl["mean"] == pytest.approx(0.7 / 3)
+    assert (ppl["ci_low"], ppl["ci_high"]) == pytest.approx((0.7 / 3 - half, 0.7 / 3 + half), abs=1e-5)
+    assert ppl["excludes_0"] is True  # [0.090, 0.377]
+    assert found[("table3", "DreamBooth (sd15, PPL λ=1) − DreamBooth (sd15, no PPL)", "clip_t")]["mean"] == 0
+
+    # DreamBooth - base: 0.6, 0.3, 0.9; mean 0.6, sd 0.3 -> half-width 4.302653 * 0.3 / sqrt 3 = 0.7452
+    base = found[("table1", "DreamBooth (sd15, PPL λ=1) − Base model (sd15, no fine-tuning)", "dino")]
+    expected = (0.6, 0.6 - 0.74524, 0.6 + 0.74524)
+    assert (base["mean"], base["ci_low"], base["ci_high"]) == pytest.approx(expected, abs=1e-4)
+    assert base["excludes_0"] is False
+    assert ("table1", "Base model (sd15, no fine-tuning) − DreamBooth (sd15, PPL λ=1)", "dino") not in found
+
+    none = found[("table4", "DreamBooth (sd15, PPL λ=1): Correct Class − No Class", "dino")]
+    assert (none["subjects"], none["mean"], none["ci_low"], none["excludes_0"]) == (1, pytest.approx(0.5), None, None)
+
+    written = write_report([tmp_path], tmp_path / "report")
+    text = written["report"].read_text()
+    ppl_row = "| table3 | DreamBooth (sd15, PPL λ=1) − DreamBooth (sd15, no PPL) | DINO | 3 | **+0.233** |"
+    assert ppl_row + " [+0.090, +0.377] |" in text
+    assert "| table4 | DreamBooth (sd15, PPL λ=1): Correct Class − No Class | DINO | 1 | +0.500 | n/a |" in text
+    assert len(list(csv.DictReader(written["paired"].open()))) == len(rows)
+
+
+def test_columns_whose_reader_failed_its_validation_are_marked(tmp_path):
+    """A readers table beside the runs' DINO model (the toy world's readers stage) marks failed columns."""
+    world = tmp_path / "world"
+    rows = [
+        {"columns": ["dino", "pres"], "passes": False},
+        {"columns": ["clip_i"], "passes": True},
+        {"columns": ["div"], "passes": True, "div_backend": "dino"},
+        {"columns": ["div"], "passes": False, "div_backend": "vae"},  # another DIV backend than the runs'
+    ]
+    (world / "readers").mkdir(parents=True)
+    (world / "readers" / "readers.json").write_text(json.dumps({"rows": rows}))
+    write_run(tmp_path / "runs", "a", "teapot", 0.5, dino_model=str(world / "dino"))
+    text = write_report([tmp_path / "runs"], tmp_path / "report")["report"].read_text()
+    div = "DIV (dino: NOT LPIPS, compare directions only)"
+    assert f"| PRES (reader NOT validated) | {div} | DINO (reader NOT validated) |" in text
+    assert "| CLIP-I |" in text and "NOT VALIDATED: PRES, DINO: their readers failed" in text
 
 
 def test_nothing_to_report_is_an_error(tmp_path):

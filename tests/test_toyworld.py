@@ -26,7 +26,8 @@ from dreambooth_pl.models import load_components, loaded_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
-from dreambooth_pl.toyworld.subjects import subject_instance
+from dreambooth_pl.toyworld.readers import validate_readers
+from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance
 from dreambooth_pl.training import train
 from tests.conftest import REPO, compose_train
 from tests.test_training import fixed_probe
@@ -120,6 +121,8 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
             "vae.batch_size=8",
             "clip.batch_size=16",
             "dino.batch_size=8",
+            "dino.hard_negatives=2",
+            "dino.hard_pool=8",
             "unet.batch_size=8",
             "unet.lr=2e-3",
             "probe.colours_per_pair=1",
@@ -127,6 +130,7 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
             "probe.sampler.num_inference_steps=2",
             "probe.classifier.steps=25",
             "probe.classifier.batch_size=16",
+            "readers.pairs=4",
         ]
     )
     results = build(cfg)
@@ -164,6 +168,9 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
         for name in ("generated", "rendered"):
             assert set(probe[f"{reader}/{name}"]) == {"class", "context", "colour"}
     assert probe["probe_loss"][1] < probe["probe_loss"][0]
+    rows = results["readers"]["rows"]
+    assert len(rows) == 4 * 2 + 2 * 2 and all(0 <= r["win_rate"] <= 1 for r in rows)
+    assert (out / "readers" / "readers.md").read_text().count("\n") == len(rows) + 2
 
 
 def test_unknown_stage_is_rejected_before_work(tmp_path):
@@ -202,6 +209,39 @@ def test_toy_configs_point_at_the_shipped_world(tmp_path):
     assert Path(cfg.eval.dino.model) == TOYWORLD / "dino"
     assert Path(cfg.eval.clip.model) == TOYWORLD / "clip"
     assert cfg.eval.num_prompts is None and cfg.eval.images_per_prompt == 2  # 4 in experiment=toy_paper
+
+
+@needs_toyworld
+def test_ground_truth_draws_the_subject_in_each_prompts_context(tmp_path):
+    """The report's ceiling row: the renderer's own subject (subjects.json) posed by the image's seed."""
+    truth = GroundTruth.of(TOYWORLD / "dataset" / "toy_teapot", "sks")
+    spec = next(s for s in compose_toyworld([]).subjects if s.name == "toy_teapot")
+    assert truth.instance == subject_instance(spec) and truth.size == 64
+    assert GroundTruth.of(tmp_path / "teapot", "sks") is None  # not a toy subject: no ground truth
+
+    def expected(instance, context, seed):
+        rng = np.random.default_rng(seed)
+        return np.asarray(scenes.render(instance, scenes.sample_view(rng, context), 64))
+
+    jungle = truth("a sks teapot in the jungle", 7)
+    assert np.array_equal(np.asarray(jungle), expected(truth.instance, "in the jungle", 7))
+    red = truth.instance.recoloured("red")
+    assert np.array_equal(np.asarray(truth("a red sks teapot", 3)), expected(red, "", 3))
+    rng = np.random.default_rng(5)  # PRES's "a teapot": a teapot of the pretraining distribution, studio photo
+    prior = scenes.render(scenes.sample_instance(rng, "teapot"), scenes.sample_view(rng, ""), 64)
+    assert np.array_equal(np.asarray(truth("a teapot", 5)), np.asarray(prior))
+    with pytest.raises(ValueError, match="'a sks teapot on the moon' names no context"):
+        truth("a sks teapot on the moon", 0)
+
+
+@needs_toyworld
+def test_div_reader_sees_pose_and_layout_on_the_shipped_vae():
+    """The readers stage at a small scale on the shipped world: DIV's VAE-feature distance puts varied renders
+    of one prompt farther apart than near-duplicates (the shipped table: 200 pairs per case)."""
+    cfg = compose_toyworld(["readers.pairs=24"])
+    rows = validate_readers(cfg.readers, TOYWORLD, cfg.data.size, seed=1)["rows"]
+    vae = [r for r in rows if r["test"] == "diversity" and r["reader"].startswith("toy VAE")]
+    assert len(vae) == 2 and all(r["win_rate"] >= 0.95 and r["passes"] for r in vae), vae
 
 
 @needs_toyworld

@@ -10,6 +10,7 @@ Stages (each reads what earlier stages saved under `out_dir`, so a crash loses o
   subjects  the toy subjects' photos and prompts_and_classes.txt -> out_dir/dataset
   probe     held-out class x context x colour prompts, read back by the toy CLIP and by an attribute
             classifier trained on rendered images                       -> out_dir/probe
+  readers   do the evaluators read the subject and diversity? (toyworld/readers.py) -> out_dir/readers
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ from dreambooth_pl.losses import dreambooth_loss, snr_weights
 from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
+from dreambooth_pl.toyworld.readers import LOOKALIKES, identity_pairs, save_readers, validate_readers
 from dreambooth_pl.toyworld.subjects import write_subjects
 from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
 
 log = logging.getLogger(__name__)
 
-STAGES = ("data", "vae", "clip", "dino", "unet", "subjects", "probe")
+STAGES = ("data", "vae", "clip", "dino", "unet", "subjects", "probe", "readers")
 
 
 # --------------------------------------------------------------------------- data
@@ -266,33 +268,60 @@ def give_rare_words_typical_embeddings(text_model, tok, rare: list[str], seen: l
 
 
 def train_dino(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> list[float]:
-    """Instance discrimination: two views of one instance are positives, every other instance a negative."""
+    """Instance discrimination: two views of one instance are positives, every other instance a negative.
+
+    With `hard_negatives` > 0 each step also takes that many groups from a pool rendered here (not part of
+    the world the UNet sees): an instance in two contexts and a look-alike (same class and main colour,
+    another pattern, second colour or proportions) posed exactly like its second view, a negative for both
+    views. Without them the reader learns class and colour, which random instances already tell apart."""
     torch.manual_seed(seed)
     model = ViTModel(ViTConfig(**_plain(cfg.model), image_size=data.images.shape[1]), add_pooling_layer=False)
     rng = np.random.default_rng(seed)
     starts = np.flatnonzero(np.r_[True, data.instance[1:] != data.instance[:-1]])
     views = np.diff(np.r_[starts, len(data.instance)])
+    pool = _hard_negative_pool(cfg, data.images.shape[1], seed)
 
-    def pairs() -> Iterator[np.ndarray]:
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for _ in range(cfg.steps):
             pick = rng.choice(len(starts), cfg.batch_size, replace=False)
             first = rng.integers(0, views[pick])
             second = (first + rng.integers(1, views[pick])) % views[pick]
-            yield np.concatenate([starts[pick] + first, starts[pick] + second])
+            hard = rng.choice(len(pool), cfg.hard_negatives, replace=False) if len(pool) else np.arange(0)
+            yield np.concatenate([starts[pick] + first, starts[pick] + second]), hard
 
-    def loss_fn(index):
+    def loss_fn(batch):
+        index, hard = batch
         x = data.pixels(index)
-        flip = torch.from_numpy(rng.random(len(index)) < 0.5)
+        groups = torch.from_numpy(pool[hard]).permute(1, 0, 4, 2, 3).float() / 127.5 - 1.0  # 3 x K x C x H x W
+        x = torch.cat([x, groups.flatten(0, 1)])
+        # a look-alike keeps its group's pose: one flip per group
+        flip = torch.from_numpy(np.r_[rng.random(len(index)) < 0.5, np.tile(rng.random(len(hard)) < 0.5, 3)])
         x[flip] = x[flip].flip(-1)
         z = F.normalize(model(pixel_values=x).last_hidden_state[:, 0], dim=-1)
-        a, b = z.chunk(2)
-        logits = a @ b.T / cfg.temperature
+        a, b = z[: len(index)].chunk(2)
+        hard_a, hard_b, lookalikes = z[len(index) :].chunk(3)
+        a, b = torch.cat([a, hard_a]), torch.cat([b, hard_b])
         target = torch.arange(len(a))
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss_a = F.cross_entropy(a @ torch.cat([b, lookalikes]).T / cfg.temperature, target)
+        loss_b = F.cross_entropy(b @ torch.cat([a, lookalikes]).T / cfg.temperature, target)
+        return (loss_a + loss_b) / 2
 
     losses = _train("dino", model, loss_fn, pairs(), cfg)
     _save(model, out / "dino")
     return losses
+
+
+def _hard_negative_pool(cfg: DictConfig, size: int, seed: int) -> np.ndarray:
+    """G x 3 x H x W x 3 uint8: (instance in one context, in another, look-alike posed as the second)."""
+    if not cfg.hard_negatives:
+        return np.zeros((0, 3, size, size, 3), np.uint8)
+    rng = np.random.default_rng([seed, 5])
+    per_kind = -(-cfg.hard_pool // len(LOOKALIKES))
+    groups = []
+    for kind in LOOKALIKES:
+        parts = identity_pairs(rng, per_kind, kind, size)
+        groups.append(np.stack([np.stack([np.asarray(image) for image in part]) for part in parts], 1))
+    return np.concatenate(groups)
 
 
 def train_unet(data: WorldData, cfg: DictConfig, scheduler_cfg: DictConfig, out: Path, seed: int) -> list[float]:
@@ -507,6 +536,9 @@ def build(cfg: DictConfig) -> dict:
             write_subjects(cfg.subjects, out / "dataset", cfg.data.size)
         elif stage == "probe":
             results["probe"] = probe(world(), cfg.probe, out, cfg.seed)
+        elif stage == "readers":
+            results["readers"] = validate_readers(cfg.readers, out, cfg.data.size, cfg.seed)
+            save_readers(results["readers"], cfg.readers, out / "readers")
         elapsed = time.perf_counter() - start
         losses = results.get(stage)
         detail = ""

@@ -320,8 +320,10 @@ def _pattern_mask(pattern: str, seed_shape: tuple[float, ...]) -> np.ndarray:
         return np.abs(ys - 74) < 7
     if pattern == "dots":
         return ((xs % period - period / 2) ** 2 + (ys % period - period / 2) ** 2) < (period * 0.28) ** 2
-    # the subjects' patterns are coarse (cells of 5-8 px in a 64 px photo): the toy VAE's latents are 4 px
-    # apart, so a finer pattern would be lost before the UNet sees it
+    # the subjects' patterns are coarse: a 128 px sprite becomes an object 27-40 px tall in a 64 px photo
+    # (view.scale 0.42-0.62), so a sprite pixel is 0.21-0.31 photo pixels and checker cells are 10-15 px,
+    # diamonds 6-9 px wide on a 10-15 px grid, zigzag and diagonal stripes 3-6 px wide; the toy VAE's latents
+    # are 4 px apart, so a finer pattern would be lost before the UNet sees it
     if pattern == "checker":
         return ((xs // 48) + (ys // 48)) % 2 == 1
     if pattern == "zigzag":

@@ -2,16 +2,21 @@
 
 `<dataset>/<name>/NN.png` holds a subject's photos and `<dataset>/prompts_and_classes.txt` its class and
 the evaluation prompts, in the published file's format: DreamBench's prompts restricted to the contexts
-and colours the toy world can show.
+and colours the toy world can show. `<dataset>/subjects.json` is the renderer's description of each
+subject (class, colours, pattern, proportions), from which the report draws its ground-truth row and the
+attribute words of its base-model control.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+from PIL import Image
 
 from dreambooth_pl.export import write_dir_atomically
 from dreambooth_pl.toyworld import scenes
@@ -19,6 +24,7 @@ from dreambooth_pl.toyworld import scenes
 # DreamBench's live-subject list begins with these ten contexts; its outfits are beyond the toy renderer.
 LIVE_CONTEXTS = 10
 PROMPT_COLOURS = ("red", "purple")
+SUBJECTS_FILE = "subjects.json"
 
 
 def subject_instance(spec: DictConfig) -> scenes.Instance:
@@ -61,5 +67,48 @@ def write_subjects(subjects: Sequence[DictConfig], dataset_dir: str | Path, size
             for i, view in enumerate(subject_views(spec)):
                 scenes.render(inst, view, size).save(staging / spec.name / f"{i:02d}.png")
         (staging / "prompts_and_classes.txt").write_text(prompts_and_classes(subjects))
+        described = {s.name: dataclasses.asdict(subject_instance(s)) for s in subjects}
+        (staging / SUBJECTS_FILE).write_text(json.dumps({"size": size, "subjects": described}, indent=2) + "\n")
 
     return write_dir_atomically(dataset_dir, write)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundTruth:
+    """What a perfect model draws for an evaluation prompt: the subject, posed by the image's seed, in the
+    prompt's context and in the colour the prompt names ("a red sks teapot"). A prompt without the identifier
+    (PRES's "a teapot") gets an instance of the class from the pretraining distribution, on the studio
+    background its caption means."""
+
+    instance: scenes.Instance
+    identifier: str
+    size: int
+
+    @classmethod
+    def of(cls, photos_dir: str | Path, identifier: str) -> GroundTruth | None:
+        """The toy subject whose photos these are (subjects.json beside them); None for any other subject."""
+        photos = Path(photos_dir)
+        described = photos.parent / SUBJECTS_FILE
+        if not described.is_file():
+            return None
+        spec = json.loads(described.read_text())
+        found = spec["subjects"].get(photos.name)
+        if found is None:
+            return None
+        instance = scenes.Instance(**{k: tuple(v) if isinstance(v, list) else v for k, v in found.items()})
+        return cls(instance, identifier, spec["size"])
+
+    def __call__(self, prompt: str, seed: int) -> Image.Image:
+        rng = np.random.default_rng(seed)
+        words = prompt.split()
+        if self.identifier not in words:
+            instance = scenes.sample_instance(rng, self.instance.cls)
+            return scenes.render(instance, scenes.sample_view(rng, ""), self.size)
+        at = words.index(self.identifier)
+        colour = words[at - 1] if at >= 2 and words[at - 1] in scenes.COLOURS else None
+        rest = words[at + 1 :]
+        context = " ".join(rest[1:] if rest[:1] == [self.instance.cls] else rest)
+        if context not in scenes.CONTEXTS:
+            raise ValueError(f"renderer ground truth: {prompt!r} names no context the toy renderer draws")
+        instance = self.instance.recoloured(colour) if colour else self.instance
+        return scenes.render(instance, scenes.sample_view(rng, context), self.size)
