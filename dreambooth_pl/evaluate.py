@@ -133,6 +133,12 @@ def _write_json_atomically(data: dict, path: Path) -> Path:
     return path
 
 
+def model_location(name: str) -> str:
+    """A local model folder as an absolute path, a hub id as given: the report finds the readers table
+    beside the DINO model (`report.unvalidated_columns`) from whatever folder it runs in."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
 def _number(value) -> float | None:
     """JSON has no NaN: a metric that is undefined (DIV with one image per prompt) is null."""
     value = float(value)
@@ -345,8 +351,8 @@ def evaluate_run(
             "div": len(prompts) * math.comb(cfg.images_per_prompt, 2),
             "real": math.comb(len(real), 2),
         },
-        "dino_model": cfg.dino.model,
-        "clip_model": cfg.clip.model,
+        "dino_model": model_location(cfg.dino.model),
+        "clip_model": model_location(cfg.clip.model),
         "sampler": sampler,
     }
     grids = {"grid": _grid(images, cfg.images_per_prompt, cfg.grid_cell_size)}  # a row per prompt
@@ -483,9 +489,7 @@ def find_export(run_dir: str | os.PathLike) -> Path:
     if len(named) == 1 or len(exports) == 1:
         return (named or exports)[0]
     found = ", ".join(p.name for p in exports) or "none"
-    raise ConfigError(
-        f"run_dir={str(run_dir)!r}: expected one exported folder with dreambooth.json, found {found}."
-    )
+    raise ConfigError(f"run_dir={str(run_dir)!r}: expected one exported folder with dreambooth.json, found {found}.")
 
 
 def evaluate_from_config(cfg: DictConfig) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth_pl.evaluate import model_location
 from dreambooth_pl.report import build_tables, load_run, main, paired_comparisons, t_quantile, write_report
 from tests.conftest import REPO, needs_dataset
 from tests.test_evaluate import evaluated_sweep
@@ -197,6 +198,23 @@ def test_columns_whose_reader_failed_its_validation_are_marked(tmp_path):
     div = "DIV (dino: NOT LPIPS, compare directions only)"
     assert f"| PRES (reader NOT validated) | {div} | DINO (reader NOT validated) |" in text
     assert "| CLIP-I |" in text and "NOT VALIDATED: PRES, DINO: their readers failed" in text
+
+
+def test_a_relative_dino_folder_is_recorded_so_the_report_finds_its_readers_from_anywhere(tmp_path, monkeypatch):
+    """`eval.dino.model=world/dino` given from one folder; the report run from another still marks DINO."""
+    world = tmp_path / "world"
+    (world / "dino").mkdir(parents=True)
+    (world / "readers").mkdir()
+    (world / "readers" / "readers.json").write_text(json.dumps({"rows": [{"columns": ["dino"], "passes": False}]}))
+    monkeypatch.chdir(tmp_path)
+    recorded = model_location("world/dino")
+    assert (
+        recorded == str((world / "dino").resolve()) and model_location("facebook/dino-vits16") == "facebook/dino-vits16"
+    )
+    write_run(tmp_path / "runs", "a", "teapot", 0.5, dino_model=recorded)
+    monkeypatch.chdir(tmp_path / "runs")
+    text = write_report([tmp_path / "runs"], tmp_path / "report")["report"].read_text()
+    assert "| DINO (reader NOT validated) |" in text
 
 
 def test_nothing_to_report_is_an_error(tmp_path):

@@ -10,6 +10,7 @@ Stages (each reads what earlier stages saved under `out_dir`, so a crash loses o
   subjects  the toy subjects' photos and prompts_and_classes.txt -> out_dir/dataset
   probe     held-out class x context x colour prompts, read back by the toy CLIP and by an attribute
             classifier trained on rendered images                       -> out_dir/probe
+  prior     colour entropy of class images ("a teapot") per guidance scale, against pretraining -> out_dir/prior
   readers   do the evaluators read the subject and diversity? (toyworld/readers.py) -> out_dir/readers
 """
 
@@ -40,13 +41,14 @@ from dreambooth_pl.losses import dreambooth_loss, snr_weights
 from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
+from dreambooth_pl.toyworld.prior import class_prior, save_prior
 from dreambooth_pl.toyworld.readers import LOOKALIKES, identity_pairs, save_readers, validate_readers
 from dreambooth_pl.toyworld.subjects import write_subjects
 from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
 
 log = logging.getLogger(__name__)
 
-STAGES = ("data", "vae", "clip", "dino", "unet", "subjects", "probe", "readers")
+STAGES = ("data", "vae", "clip", "dino", "unet", "subjects", "probe", "prior", "readers")
 
 
 # --------------------------------------------------------------------------- data
@@ -400,7 +402,7 @@ class AttributeProbe(torch.nn.Module):
         return [(scenes.CLASSES[a], scenes.CONTEXTS[b], names[c]) for a, b, c in zip(cls, ctx, col)]
 
 
-def train_attribute_probe(data: WorldData, cfg: DictConfig, seed: int) -> tuple[AttributeProbe, list[float]]:
+def train_attribute_probe(data: WorldData, cfg: DictConfig, seed: int) -> AttributeProbe:
     torch.manual_seed(seed)
     model = AttributeProbe(cfg.width)
     rng = np.random.default_rng(seed)
@@ -415,10 +417,11 @@ def train_attribute_probe(data: WorldData, cfg: DictConfig, seed: int) -> tuple[
         return sum(F.cross_entropy(lg, lb[index], ignore_index=-1) for lg, lb in zip(logits, labels))
 
     losses = _train("attribute probe", model, loss_fn, _caption_batches(rng, data, cfg), cfg)
-    return model, losses
+    model.losses = [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))]  # first and last 10 steps
+    return model
 
 
-def probe(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> dict:
+def probe(data: WorldData, attribute_probe: AttributeProbe, cfg: DictConfig, out: Path, seed: int) -> dict:
     """Does the base model follow text it never saw as a whole? Generate each held-out (class, context)
     pair in a few colours and read class, context and colour back, with the toy CLIP (zero-shot) and with
     an attribute probe trained on rendered images, beside the same readings of the renderer's own images
@@ -442,7 +445,6 @@ def probe(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> dict:
     for cls, context, colour in truth_rep:
         inst = scenes.sample_instance(rng, cls).recoloured(colour)
         rendered.append(scenes.render(inst, scenes.sample_view(rng, context), settings.resolution))
-    attribute_probe, losses = train_attribute_probe(data, cfg.classifier, seed)
     result = {
         "prompts": len(prompts),
         "images": len(prompts_rep),
@@ -451,7 +453,7 @@ def probe(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> dict:
             "context": 1 / (len(scenes.CONTEXTS) - 1),
             "colour": 1 / len(colours),
         },
-        "probe_loss": [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))],
+        "probe_loss": attribute_probe.losses,
     }
     for reader_name, reader in (("clip", CaptionReader(out / "clip")), ("attribute_probe", attribute_probe)):
         for name, images in (("generated", generated), ("rendered", rendered)):
@@ -513,12 +515,20 @@ def build(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     results: dict = {}
     data = None
+    classifier = None
 
     def world() -> WorldData:
         nonlocal data
         if data is None:
             data = load_or_render_world(cfg.cache_dir, {**OmegaConf.to_container(cfg.data), "seed": cfg.seed})
         return data
+
+    def attribute_probe() -> AttributeProbe:
+        """Trained once for the probe and prior stages (not saved: minutes to retrain)."""
+        nonlocal classifier
+        if classifier is None:
+            classifier = train_attribute_probe(world(), cfg.probe.classifier, cfg.seed)
+        return classifier
 
     for stage in [s for s in STAGES if s in cfg.stages]:
         start = time.perf_counter()
@@ -535,7 +545,10 @@ def build(cfg: DictConfig) -> dict:
         elif stage == "subjects":
             write_subjects(cfg.subjects, out / "dataset", cfg.data.size)
         elif stage == "probe":
-            results["probe"] = probe(world(), cfg.probe, out, cfg.seed)
+            results["probe"] = probe(world(), attribute_probe(), cfg.probe, out, cfg.seed)
+        elif stage == "prior":
+            results["prior"] = class_prior(world(), attribute_probe(), cfg.prior, out, cfg.data.size, cfg.seed)
+            save_prior(results["prior"], out / "prior")
         elif stage == "readers":
             results["readers"] = validate_readers(cfg.readers, out, cfg.data.size, cfg.seed)
             save_readers(results["readers"], cfg.readers, out / "readers")
