@@ -143,7 +143,8 @@ def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
         assert json.loads((sweep / job / "wandb" / "dreambooth_run.json").read_text())["group"] == sweep.name
     runs = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
     trained = sorted((r["method"], r["prior_weight"]) for r in runs)
-    assert trained == [("base", ""), ("dreambooth", "0.0"), ("dreambooth", "1.0")]
+    controls = [("attribute_words", ""), ("base", ""), ("renderer", "")]  # a toy subject gets both control rows
+    assert trained == sorted([*controls, ("dreambooth", "0.0"), ("dreambooth", "1.0")])
     assert (sweep / "report" / "language_drift.png").is_file()
     assert f"[report] {sweep / 'report' / 'report.md'}" in proc.stdout
     assert (proc.stdout + proc.stderr).count("DIV IS NOT LPIPS") <= 1  # once per sweep, not per evaluation

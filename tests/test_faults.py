@@ -28,7 +28,7 @@ from dreambooth_pl.loggers import RUN_RECORD, read_run_record
 from dreambooth_pl.models import ModelNotReachable, from_pretrained_or_explain
 from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.toyworld.pretrain import build
-from dreambooth_pl.toyworld.subjects import subject_views
+from dreambooth_pl.toyworld.subjects import SUBJECTS_FILE, subject_views
 from dreambooth_pl.training import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
@@ -305,4 +305,4 @@ def test_the_toyworld_subjects_stage_writes_all_subjects_or_none(tmp_path, monke
     monkeypatch.setattr(Image.Image, "save", real_save)
     build(cfg)
     names = sorted(p.name for p in (tmp_path / "dataset").iterdir())
-    assert names == sorted([*(s.name for s in cfg.subjects), "prompts_and_classes.txt"])
+    assert names == sorted([*(s.name for s in cfg.subjects), "prompts_and_classes.txt", SUBJECTS_FILE])
