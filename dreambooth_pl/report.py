@@ -458,7 +458,11 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path) -> dict[st
     """Write report.md and the CSV tables; return their paths by name."""
     files = find_metrics(paths)
     if not files:
-        raise FileNotFoundError(f"No eval/metrics.json under {', '.join(map(str, paths))}: evaluate the runs first.")
+        gaps = [line for path in map(Path, paths) if path.is_dir() for line in sweep_gaps(path, [])]
+        raise FileNotFoundError(
+            f"No eval/metrics.json under {', '.join(map(str, paths))}: evaluate the runs first."
+            + "".join(f"\n  {gap}" for gap in gaps)
+        )
     runs, damaged = load_runs(files)
     if not runs:
         raise FileNotFoundError("No readable eval/metrics.json: " + "; ".join(damaged))

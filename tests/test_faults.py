@@ -120,7 +120,7 @@ def test_a_waiting_process_says_what_it_waits_for_and_who_holds_it(tmp_path, cap
 def test_a_sweep_goes_on_after_a_failed_job_and_its_report_says_what_is_missing(tmp_path, cache_dir):
     """Job 0 has a bad setting, job 1 trains and is evaluated; the base-model evaluation at the end fails
     (as if the sweep were stopped there). The sweep still reports, lists the failed job and the missing base
-    row at the top, and exits 1 naming the job; `python -m dreambooth_pl.report` says the same."""
+    row at the top, and exits 1 naming the job; `python -m dreambooth_pl.report` says the same, also when no job was evaluated."""
     sweep = tmp_path / "sweep"
     tiny = tiny_eval_overrides(tiny_embedding_models(tmp_path / "embedders"))
     command = ["-m", *FAST, "trainer.max_steps=0,2", "eval.enabled=true", *tiny, "eval.num_prompts=2"]
@@ -144,6 +144,10 @@ def test_a_sweep_goes_on_after_a_failed_job_and_its_report_says_what_is_missing(
         text=True,
     )
     assert proc.returncode == 0 and f"- {failure}" in proc.stdout
+    (sweep / "1" / "eval" / "metrics.json").unlink()  # nothing evaluated: the error still lists the failed job
+    proc = subprocess.run([sys.executable, "-m", "dreambooth_pl.report", str(sweep)], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"\n  {failure}" in proc.stderr and "Traceback" not in proc.stderr
+    assert "job 1 (trainer.max_steps=2): no eval/metrics.json" in proc.stderr
 
     fail_fast = tmp_path / "fail-fast"
     output = train_py([*command[:-3], f"hydra.sweep.dir={fail_fast}", "fail_fast=true"], tmp_path, expect=1)
