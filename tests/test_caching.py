@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dreambooth_pl.config_utils import resolve_path
@@ -44,6 +45,7 @@ def test_caches_change_nothing_but_the_work(tmp_path, cache_dir):
     assert len(off_weights) == len(initial)
 
 
+@pytest.mark.slow  # a training run of a minute or more: CI runs it (.ci/run)
 def test_random_crops_are_not_cached(tmp_path, cache_dir):
     module, _ = run(tmp_path, cache_dir, ["data.center_crop=false"])
     assert not module._latent_cache

@@ -151,6 +151,7 @@ def test_datamodule_from_config_holds_both_halves(tmp_path, tiny_pretrained):
         assert batch["prompts"] == ["a sks teapot"] * 2 + ["a teapot"] * 2
 
 
+@pytest.mark.slow  # a training run of a minute or more: CI runs it (.ci/run)
 @needs_dataset
 def test_ppl_sweep_runs_two_tagged_jobs(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"

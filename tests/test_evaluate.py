@@ -374,6 +374,7 @@ def test_a_retrained_model_in_the_same_folder_regenerates_every_image(tmp_path, 
     assert generate_missing(str(pipeline), jobs, images, SAMPLER) == 3
 
 
+@pytest.mark.slow  # a training run of a minute or more: CI runs it (.ci/run)
 def test_two_evaluations_started_together_render_each_image_once(tmp_path, tiny_pretrained):
     from tests.test_robustness import start_together
 

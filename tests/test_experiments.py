@@ -38,6 +38,7 @@ def test_paper_experiments_sweep_the_documented_grids():
     assert set(table1["subject"]) | set(table3["subject"]) | set(table4["subject"]) <= subjects
 
 
+@pytest.mark.slow  # a training run of a minute or more: CI runs it (.ci/run)
 @needs_dataset
 def test_three_methods_make_one_table1(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
