@@ -92,6 +92,7 @@ def test_unreachable_server_falls_back_to_offline_quickly_with_one_line(sweep):
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.slow  # two train.py runs: CI runs it (.ci/run)
 @needs_dataset
 def test_later_evaluation_logs_into_the_run_it_evaluates(sweep):
     run_dir = sweep["dir"] / "0"
@@ -115,6 +116,7 @@ def test_later_evaluation_logs_into_the_run_it_evaluates(sweep):
     assert len(wandb_runs(sweep["dir"] / "1")) == 1  # the other job's run is untouched
 
 
+@pytest.mark.slow  # two train.py runs: CI runs it (.ci/run)
 def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
     run_dir = sweep["dir"] / "1"
     original = (run_dir / ".hydra" / "overrides.yaml").read_text()
