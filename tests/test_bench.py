@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from dreambooth_pl.bench import run_bench, variant_config
@@ -55,3 +56,14 @@ def test_cpu_bench_reports_every_variant(tmp_path, cache_dir):
     assert result["class_images_per_s"] > 0 and result["eval_images_per_s"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["model"] == "tiny"
     assert "| plain_loop |" in (tmp_path / "bench.md").read_text()
+
+
+@needs_dataset
+@pytest.mark.parametrize("model", ["sdxl_tiny", "flux_tiny"])
+def test_bench_runs_on_each_family(model, tmp_path, cache_dir):
+    overrides = [f"model={model}", "subject=teapot", "bench.steps=2", "bench.warmup=1", "bench.images=2"]
+    cfg = compose_bench([*overrides, "prior.num_images=4", "sampler.num_inference_steps=2"], tmp_path, cache_dir)
+    cfg.bench.variants = {name: cfg.bench.variants[name] for name in ("plain_loop", "trainer")}
+    result = run_bench(cfg)
+    assert result["model"] == model
+    assert all(row["steps_per_s"] > 0 for row in result["rows"]) and result["class_images_per_s"] > 0

@@ -444,18 +444,6 @@ def test_flow_model_configs_are_consistent(tmp_path):
 
 
 @needs_dataset
-def test_bench_runs_on_flux_tiny(tmp_path, cache_dir):
-    from dreambooth_pl.bench import run_bench
-    from tests.test_bench import compose_bench
-
-    overrides = ["model=flux_tiny", "subject=teapot", "bench.steps=2", "bench.warmup=1", "bench.images=2"]
-    cfg = compose_bench([*overrides, "prior.num_images=4", "sampler.num_inference_steps=2"], tmp_path, cache_dir)
-    cfg.bench.variants = {name: cfg.bench.variants[name] for name in ("plain_loop", "trainer")}
-    result = run_bench(cfg)
-    assert result["model"] == "flux_tiny" and all(row["steps_per_s"] > 0 for row in result["rows"])
-
-
-@needs_dataset
 def test_evaluation_scores_the_flux_export(flux_dreambooth_run, tmp_path):
     from dreambooth_pl.evaluate import evaluate_run
     from tests.test_evaluate import METRIC_KEYS, QUICK, TEAPOT, compose_eval

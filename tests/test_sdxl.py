@@ -321,19 +321,6 @@ def test_evaluation_scores_the_sdxl_export(dreambooth_run, tmp_path):
 
 
 @needs_dataset
-def test_bench_runs_on_sdxl_tiny(tmp_path, cache_dir):
-    from dreambooth_pl.bench import run_bench
-    from tests.test_bench import compose_bench
-
-    overrides = ["model=sdxl_tiny", "subject=teapot", "bench.steps=2", "bench.warmup=1", "bench.images=2"]
-    cfg = compose_bench([*overrides, "prior.num_images=4", "sampler.num_inference_steps=2"], tmp_path, cache_dir)
-    cfg.bench.variants = {name: cfg.bench.variants[name] for name in ("plain_loop", "trainer")}
-    result = run_bench(cfg)
-    assert result["model"] == "sdxl_tiny"
-    assert all(row["steps_per_s"] > 0 for row in result["rows"]) and result["class_images_per_s"] > 0
-
-
-@needs_dataset
 def test_separate_vae_is_trained_with_kept_fp32_under_bf16_and_travels_with_the_export(sdxl_tiny, tmp_path, cache_dir):
     vae = load_components(sdxl_tiny, family="sdxl").vae
     with torch.no_grad():
