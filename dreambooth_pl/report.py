@@ -10,8 +10,8 @@ subject has a base-model evaluation and DreamBooth runs with and without prior p
 language_drift.png.
 
 `SweepReport`, a Hydra callback (experiment=toy_paper), evaluates the control rows (base model; for toy
-subjects also base model + attribute words and the renderer's ground truth) on the swept subjects when a
-sweep ends and writes the report into the sweep folder.
+subjects also base model + attribute words, the renderer's ground truth and its look-alike) on the swept
+subjects when a sweep ends and writes the report into the sweep folder.
 """
 
 from __future__ import annotations
@@ -43,9 +43,14 @@ LABELS = {
 }
 BASE = "base"  # the method of a base-model evaluation: nothing was fine-tuned
 # control rows (toy subjects): the base model prompted with the subject's attributes instead of the identifier,
-# and the renderer's own drawing of the subject in each prompt's context (the ceiling)
-ATTRIBUTE_WORDS, RENDERER = "attribute_words", "renderer"
-CONTROLS = {ATTRIBUTE_WORDS: "Base model + attribute words", RENDERER: "Renderer ground truth"}
+# the renderer's own drawing of the subject in each prompt's context (the ceiling), and its drawing of a
+# look-alike (same class and main colour, another pattern, second colour and proportions) in the same places
+ATTRIBUTE_WORDS, RENDERER, LOOKALIKE = "attribute_words", "renderer", "renderer_lookalike"
+CONTROLS = {
+    ATTRIBUTE_WORDS: "Base model + attribute words",
+    RENDERER: "Renderer ground truth",
+    LOOKALIKE: "Renderer look-alike",
+}
 METHODS = {
     BASE: "Base model",
     **CONTROLS,
@@ -54,7 +59,7 @@ METHODS = {
     "textual_inversion": "Textual Inversion",
 }
 # Table 1's comparisons are A - B with A earlier here: the ceiling first, the baselines last.
-COMPARISON_ORDER = (RENDERER, "dreambooth", "lora", "textual_inversion", ATTRIBUTE_WORDS, BASE)
+COMPARISON_ORDER = (RENDERER, "dreambooth", "lora", "textual_inversion", LOOKALIKE, ATTRIBUTE_WORDS, BASE)
 CONDITIONS = {"correct": "Correct Class", "none": "No Class", "wrong": "Wrong Class"}
 
 # Ruiz et al., DreamBooth, CVPR 2023. Table 1 and 3 use 30 subjects x 25 prompts x 4 images.
@@ -192,6 +197,8 @@ def _label(method: str, model: str, prior_weight: float | None) -> str:
         return f"{METHODS[method]} ({model}, no fine-tuning; control)"
     if method == RENDERER:
         return f"{METHODS[method]} (the subject in each prompt's context; control)"
+    if method == LOOKALIKE:
+        return f"{METHODS[method]} (another object of the class and colour, drawn as the subject; control)"
     if prior_weight is None:
         prior = "prior unknown"
     else:
@@ -586,7 +593,7 @@ class SweepReport(Callback):
     language-drift grid's first row; for toy subjects (subjects.json beside their photos) also the base model
     prompted with `attribute_words` (filled from the subject's description, e.g. "{colour}": "a blue teapot
     in the jungle") in place of the identifier, the baseline personalization must beat, and the renderer's
-    ground truth, the ceiling."""
+    ground truth, the ceiling, and its look-alike, what an image right in all but the subject scores."""
 
     def __init__(self, base_model: str | dict | None = None, attribute_words: str | None = None) -> None:
         self.base_model = base_model
@@ -636,6 +643,7 @@ class SweepReport(Callback):
                 words = self.attribute_words.format(**dataclasses.asdict(truth.instance))
                 control(ATTRIBUTE_WORDS, base_model, words)
             control(RENDERER, None, run["identifier"], draw=truth)
+            control(LOOKALIKE, None, run["identifier"], draw=truth.lookalike())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

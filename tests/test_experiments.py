@@ -76,15 +76,16 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
-    """experiment=toy_paper as a user runs it, cut to 1 subject, 1 seed and a few steps: every toy_row trains
-    and is evaluated, then the sweep's end evaluates the control rows (base model, base model + attribute
-    words, renderer ground truth) and writes the report with paired differences and the drift grid."""
+    """experiment=toy_paper as a user runs it, cut to 1 test subject, 1 seed and a few steps: every toy_row
+    trains and is evaluated, then the sweep's end evaluates the control rows (base model, base model +
+    attribute words, renderer ground truth and look-alike) and writes the report with paired differences
+    and the drift grid."""
     sweep = tmp_path / "sweep"
     args = [
         "-m",
         "experiment=toy_paper",
-        "subject=toy_teapot",
-        "seed=0",
+        "subject=heldout_teapot",
+        "seed=100",
         "logger=none",
         "trainer.max_steps=2",
         "prior.num_images=2",
@@ -109,13 +110,19 @@ def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
         ("dreambooth", "1.0", "wrong"),
         ("lora", "1.0", "correct"),
         ("renderer", "", "correct"),
+        ("renderer_lookalike", "", "correct"),
         ("textual_inversion", "0.0", "correct"),
     ]
-    attribute = json.loads((sweep / "attribute_words" / "toy_teapot" / "eval" / "metrics.json").read_text())
-    assert attribute["images"][0]["prompt"] == "a blue teapot in the jungle"  # the teapot's colour for "sks"
-    truth = json.loads((sweep / "renderer" / "toy_teapot" / "eval" / "metrics.json").read_text())
+    control = {
+        name: json.loads((sweep / name / "heldout_teapot" / "eval" / "metrics.json").read_text())
+        for name in ("attribute_words", "renderer", "renderer_lookalike")
+    }
+    assert control["attribute_words"]["images"][0]["prompt"] == "a red teapot in the jungle"  # its colour for "sks"
+    truth = control["renderer"]
     assert truth["metadata"]["pipeline"] is None and truth["images"][0]["prompt"] == "a sks teapot in the jungle"
-    assert truth["metrics"]["dino"] > attribute["metrics"]["dino"]  # the subject itself beats a blue teapot
+    # the subject itself beats a red teapot and its own look-alike drawn in the same places
+    assert truth["metrics"]["dino"] > control["attribute_words"]["metrics"]["dino"]
+    assert truth["metrics"]["dino"] > control["renderer_lookalike"]["metrics"]["dino"]
     paired = {(r["comparison"], r["metric"]) for r in csv.DictReader((report / "paired.csv").open())}
     control = "Base model + attribute words (toy, no fine-tuning; control)"
     assert (f"DreamBooth (toy, PPL λ=1) − {control}", "dino") in paired
@@ -144,7 +151,7 @@ def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
         assert json.loads((sweep / job / "wandb" / "dreambooth_run.json").read_text())["group"] == sweep.name
     runs = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
     trained = sorted((r["method"], r["prior_weight"]) for r in runs)
-    controls = [("attribute_words", ""), ("base", ""), ("renderer", "")]  # a toy subject gets both control rows
+    controls = [("attribute_words", ""), ("base", ""), ("renderer", ""), ("renderer_lookalike", "")]  # a toy subject
     assert trained == sorted([*controls, ("dreambooth", "0.0"), ("dreambooth", "1.0")])
     assert (sweep / "report" / "language_drift.png").is_file()
     assert f"[report] {sweep / 'report' / 'report.md'}" in proc.stdout

@@ -120,7 +120,8 @@ def test_a_waiting_process_says_what_it_waits_for_and_who_holds_it(tmp_path, cap
 def test_a_sweep_goes_on_after_a_failed_job_and_its_report_says_what_is_missing(tmp_path, cache_dir):
     """Job 0 has a bad setting, job 1 trains and is evaluated; the base-model evaluation at the end fails
     (as if the sweep were stopped there). The sweep still reports, lists the failed job and the missing base
-    row at the top, and exits 1 naming the job; `python -m dreambooth_pl.report` says the same, also when no job was evaluated."""
+    row at the top, and exits 1 naming the job; `python -m dreambooth_pl.report` says the same, also when no
+    job was evaluated."""
     sweep = tmp_path / "sweep"
     tiny = tiny_eval_overrides(tiny_embedding_models(tmp_path / "embedders"))
     command = ["-m", *FAST, "trainer.max_steps=0,2", "eval.enabled=true", *tiny, "eval.num_prompts=2"]

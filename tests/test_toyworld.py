@@ -28,7 +28,7 @@ from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
 from dreambooth_pl.toyworld.prior import colour_entropy
 from dreambooth_pl.toyworld.readers import validate_readers
-from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance
+from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance, subject_views
 from dreambooth_pl.training import train
 from tests.conftest import REPO, compose_train
 from tests.test_training import fixed_probe
@@ -100,6 +100,53 @@ def test_subjects_use_patterns_pretraining_never_renders():
         subject_instance(bad)
 
 
+def test_dev_and_test_subjects_are_declared_and_swept_apart():
+    """Tuning (experiment=toy_dev) sweeps only dev subjects and seeds; the tables (experiment=toy_paper) only
+    test subjects, one per class, with training and evaluation seeds the dev sweep does not use."""
+    subjects = compose_toyworld([]).subjects
+    split = {s.name: s.split for s in subjects}
+    dev = [s.name for s in subjects if s.split == "dev"]
+    test = [s.name for s in subjects if s.split == "test"]
+    assert set(split.values()) == {"dev", "test"} and len(dev) >= 3 and len(test) >= 8
+    assert {s.cls for s in subjects if s.split == "test"} == set(scenes.CLASSES)
+    swept = {}
+    for name in ("toy_dev", "toy_paper"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+        swept[name] = (params.subject.split(","), set(params.seed.split(",")), cfg.eval.seed, cfg.eval.pres.seed)
+    assert swept["toy_dev"][0] == dev and swept["toy_paper"][0] == test
+    assert swept["toy_dev"][1].isdisjoint(swept["toy_paper"][1])
+    assert swept["toy_dev"][2:] != swept["toy_paper"][2:]
+    for spec in subjects:
+        subject = OmegaConf.load(REPO / "conf" / "subject" / f"{spec.name}.yaml")
+        assert (subject.name, subject.class_noun) == (spec.name, spec.cls)
+        assert subject.wrong_class_noun in scenes.CLASSES and subject.wrong_class_noun != spec.cls
+
+
+def test_subject_photos_are_taken_in_everyday_settings_never_an_evaluation_context():
+    spec = compose_toyworld([]).subjects[0]
+    settings = [view.context for view in subject_views(spec)]
+    assert set(settings) <= set(scenes.PHOTO_SETTINGS) and len(set(settings)) == 3
+    assert set(scenes.PHOTO_SETTINGS).isdisjoint(scenes.CONTEXTS)
+
+
+def test_a_lookalike_shares_class_and_main_colour_and_differs_visibly():
+    rng = np.random.default_rng(0)
+    inst = scenes.sample_instance(rng, "vase", patterns=scenes.SUBJECT_PATTERNS)
+    for kind in scenes.LOOKALIKES:
+        other = scenes.lookalike(rng, inst, kind)
+        assert (other.cls, other.colour, other.jitter) == (inst.cls, inst.colour, inst.jitter)
+        changed = {
+            "pattern": other.pattern != inst.pattern,
+            "second colour": other.second != inst.second,
+            "proportions": min(abs(a - b) for a, b in zip(other.shape, inst.shape)) >= 0.4 - 1e-9,
+        }
+        assert all(changed.values()) if kind == "all three" else [k for k, v in changed.items() if v] == [kind]
+    truth = GroundTruth(inst, "sks", 64)
+    assert truth.lookalike() == truth.lookalike() and truth.lookalike().instance != inst
+
+
 # --------------------------------------------------------------------------- pretraining stages
 
 
@@ -122,8 +169,7 @@ def test_every_stage_trains_and_saves_loadable_models(tmp_path):
             "vae.batch_size=8",
             "clip.batch_size=16",
             "dino.batch_size=8",
-            "dino.hard_negatives=2",
-            "dino.hard_pool=8",
+            "dino.groups=16",
             "unet.batch_size=8",
             "unet.lr=2e-3",
             "probe.colours_per_pair=1",

@@ -5,7 +5,7 @@ Stages (each reads what earlier stages saved under `out_dir`, so a crash loses o
   vae       AutoencoderKL, reconstruction + KL                  -> out_dir/pipeline/vae
   clip      CLIPModel, contrastive on (image, caption)          -> out_dir/clip (+ its text tower and
             tokenizer become the pipeline's text_encoder/tokenizer: one text model, trained once)
-  dino      ViTModel, InfoNCE between views of one instance     -> out_dir/dino
+  dino      ViTModel, InfoNCE: an instance's photos against look-alikes -> out_dir/dino
   unet      UNet2DConditionModel, epsilon loss, caption dropout -> out_dir/pipeline (complete)
   subjects  the toy subjects' photos and prompts_and_classes.txt -> out_dir/dataset
   probe     held-out class x context x colour prompts, read back by the toy CLIP and by an attribute
@@ -42,7 +42,7 @@ from dreambooth_pl.models import load_pipeline
 from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.prior import class_prior, save_prior
-from dreambooth_pl.toyworld.readers import LOOKALIKES, identity_pairs, save_readers, validate_readers
+from dreambooth_pl.toyworld.readers import identity_groups, save_readers, validate_readers
 from dreambooth_pl.toyworld.subjects import write_subjects
 from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
 
@@ -269,61 +269,37 @@ def give_rare_words_typical_embeddings(text_model, tok, rare: list[str], seen: l
         table[ids] = F.normalize(directions, dim=-1) * length
 
 
-def train_dino(data: WorldData, cfg: DictConfig, out: Path, seed: int) -> list[float]:
-    """Instance discrimination: two views of one instance are positives, every other instance a negative.
-
-    With `hard_negatives` > 0 each step also takes that many groups from a pool rendered here (not part of
-    the world the UNet sees): an instance in two contexts and a look-alike (same class and main colour,
-    another pattern, second colour or proportions) posed exactly like its second view, a negative for both
-    views. Without them the reader learns class and colour, which random instances already tell apart."""
+def train_dino(cfg: DictConfig, out: Path, size: int, seed: int) -> list[float]:
+    """Instance discrimination against look-alikes. Each group is an instance photographed as a subject is,
+    the same instance in an evaluation context, and a look-alike (same class and main colour, another pattern,
+    second colour or proportions) posed exactly as the second photo; an instance's two photos must be nearer
+    each other than any other group's photos or any look-alike in the batch. Views of random instances alone
+    teach class and main colour, which every look-alike shares: that reader failed the readers test. The
+    groups are rendered here from their own seed, with the pretraining and the subjects' patterns: not the
+    data the UNet saw, nor the readers stage's test instances."""
     torch.manual_seed(seed)
-    model = ViTModel(ViTConfig(**_plain(cfg.model), image_size=data.images.shape[1]), add_pooling_layer=False)
-    rng = np.random.default_rng(seed)
-    starts = np.flatnonzero(np.r_[True, data.instance[1:] != data.instance[:-1]])
-    views = np.diff(np.r_[starts, len(data.instance)])
-    pool = _hard_negative_pool(cfg, data.images.shape[1], seed)
+    model = ViTModel(ViTConfig(**_plain(cfg.model), image_size=size), add_pooling_layer=False)
+    rng = np.random.default_rng([seed, 5])
+    patterns = [p for p in (*scenes.SUBJECT_PATTERNS, *scenes.PRETRAIN_PATTERNS) if p != "plain"]
+    rendered = identity_groups(rng, cfg.groups, scenes.LOOKALIKES, size, patterns)
+    groups = np.stack([np.stack([np.asarray(image) for image in part]) for part in rendered], 1)  # G x 3 x H x W x 3
 
-    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for _ in range(cfg.steps):
-            pick = rng.choice(len(starts), cfg.batch_size, replace=False)
-            first = rng.integers(0, views[pick])
-            second = (first + rng.integers(1, views[pick])) % views[pick]
-            hard = rng.choice(len(pool), cfg.hard_negatives, replace=False) if len(pool) else np.arange(0)
-            yield np.concatenate([starts[pick] + first, starts[pick] + second]), hard
+    def loss_fn(pick: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(groups[pick]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # B x 3 x C x H x W
+        flip_anchor, flip_pair = (torch.from_numpy(rng.random(len(pick)) < 0.5) for _ in range(2))
+        x[flip_anchor, 0] = x[flip_anchor, 0].flip(-1)
+        x[flip_pair, 1:] = x[flip_pair, 1:].flip(-1)  # the look-alike keeps the positive's pose
+        z = F.normalize(model(pixel_values=x.flatten(0, 1)).last_hidden_state[:, 0], dim=-1).unflatten(0, (-1, 3))
+        anchor, positive, lookalike = z.unbind(1)
+        target = torch.arange(len(pick))
+        loss_a = F.cross_entropy(anchor @ torch.cat([positive, lookalike]).T / cfg.temperature, target)
+        loss_p = F.cross_entropy(positive @ torch.cat([anchor, lookalike]).T / cfg.temperature, target)
+        return (loss_a + loss_p) / 2
 
-    def loss_fn(batch):
-        index, hard = batch
-        x = data.pixels(index)
-        groups = torch.from_numpy(pool[hard]).permute(1, 0, 4, 2, 3).float() / 127.5 - 1.0  # 3 x K x C x H x W
-        x = torch.cat([x, groups.flatten(0, 1)])
-        # a look-alike keeps its group's pose: one flip per group
-        flip = torch.from_numpy(np.r_[rng.random(len(index)) < 0.5, np.tile(rng.random(len(hard)) < 0.5, 3)])
-        x[flip] = x[flip].flip(-1)
-        z = F.normalize(model(pixel_values=x).last_hidden_state[:, 0], dim=-1)
-        a, b = z[: len(index)].chunk(2)
-        hard_a, hard_b, lookalikes = z[len(index) :].chunk(3)
-        a, b = torch.cat([a, hard_a]), torch.cat([b, hard_b])
-        target = torch.arange(len(a))
-        loss_a = F.cross_entropy(a @ torch.cat([b, lookalikes]).T / cfg.temperature, target)
-        loss_b = F.cross_entropy(b @ torch.cat([a, lookalikes]).T / cfg.temperature, target)
-        return (loss_a + loss_b) / 2
-
-    losses = _train("dino", model, loss_fn, pairs(), cfg)
+    batches = (rng.choice(len(groups), cfg.batch_size, replace=False) for _ in range(cfg.steps))
+    losses = _train("dino", model, loss_fn, batches, cfg)
     _save(model, out / "dino")
     return losses
-
-
-def _hard_negative_pool(cfg: DictConfig, size: int, seed: int) -> np.ndarray:
-    """G x 3 x H x W x 3 uint8: (instance in one context, in another, look-alike posed as the second)."""
-    if not cfg.hard_negatives:
-        return np.zeros((0, 3, size, size, 3), np.uint8)
-    rng = np.random.default_rng([seed, 5])
-    per_kind = -(-cfg.hard_pool // len(LOOKALIKES))
-    groups = []
-    for kind in LOOKALIKES:
-        parts = identity_pairs(rng, per_kind, kind, size)
-        groups.append(np.stack([np.stack([np.asarray(image) for image in part]) for part in parts], 1))
-    return np.concatenate(groups)
 
 
 def train_unet(data: WorldData, cfg: DictConfig, scheduler_cfg: DictConfig, out: Path, seed: int) -> list[float]:
@@ -539,7 +515,7 @@ def build(cfg: DictConfig) -> dict:
         elif stage == "clip":
             results["clip"] = train_clip(world(), cfg.clip, cfg.tokenizer, out, cfg.seed)
         elif stage == "dino":
-            results["dino"] = train_dino(world(), cfg.dino, out, cfg.seed)
+            results["dino"] = train_dino(cfg.dino, out, cfg.data.size, cfg.seed)
         elif stage == "unet":
             results["unet"] = train_unet(world(), cfg.unet, cfg.scheduler, out, cfg.seed)
         elif stage == "subjects":

@@ -1,11 +1,12 @@
 """The readers stage: does each evaluator read what its column claims, on instances no model trained on?
 
 Subject fidelity (the DINO stand-in for DINO and PRES; the toy CLIP's image tower for CLIP-I): an instance
-with a pattern pretraining never draws (as a subject's) is photographed in one context (the anchor), then
-in a new context (the positive), and a look-alike is photographed in that same new context with the same
-pose and background (the negative). A reader of the subject scores the positive higher: it must win in
-`win_rate` of the pairs with a mean cosine gap of at least `gap`. Look-alikes share the class and main
-colour and differ in one attribute (pattern, second colour, proportions) or in all three.
+with a pattern pretraining never draws (as a subject's) is photographed as the subjects are, in an everyday
+setting (the anchor), then in an evaluation context (the positive), and a look-alike is photographed in
+that same context with the same pose and background (the negative). A reader of the subject scores the
+positive higher: it must win in `win_rate` of the pairs with a mean cosine gap of at least `gap`.
+Look-alikes share the class and main colour and differ in one attribute (pattern, second colour,
+proportions) or in all three.
 
 Diversity (DIV's distance): two renders of one prompt with their own pose, layout and background must be
 farther apart than a near-duplicate (the same render nudged by a couple of degrees and pixels), in
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,34 +38,27 @@ from dreambooth_pl.metrics import (
 )
 from dreambooth_pl.toyworld import scenes
 
-LOOKALIKES = ("pattern", "second colour", "proportions", "all three")
 
-
-def lookalike(rng: np.random.Generator, inst: scenes.Instance, kind: str) -> scenes.Instance:
-    """Same class and main colour; another pattern, second colour or proportions (or all three)."""
-    change = {"pattern", "second colour", "proportions"} if kind == "all three" else {kind}
-    pattern, second, shape = inst.pattern, inst.second, inst.shape
-    if "pattern" in change:
-        pattern = rng.choice([p for p in scenes.SUBJECT_PATTERNS if p != inst.pattern])
-    if "second colour" in change:
-        second = rng.choice([c for c in scenes.COLOURS if c not in (inst.colour, inst.second)])
-    if "proportions" in change:
-        shape = tuple(float(v) for v in rng.uniform(0, 1, len(inst.shape)))
-    return dataclasses.replace(inst, pattern=str(pattern), second=str(second), shape=shape)
-
-
-def identity_pairs(rng: np.random.Generator, count: int, kind: str, size: int) -> list[list[Image.Image]]:
-    """[anchors, positives, negatives]: held-out instances in one context, in a new one, and a look-alike
-    posed exactly as the positive in that new context."""
+def identity_groups(
+    rng: np.random.Generator,
+    count: int,
+    kinds: Sequence[str],
+    size: int,
+    patterns: Sequence[str] = scenes.SUBJECT_PATTERNS,
+) -> list[list[Image.Image]]:
+    """[anchors, positives, negatives]: instances photographed as a subject is (an everyday setting), the same
+    instance in an evaluation context, and a look-alike of one of `kinds` posed exactly as it in that context.
+    The readers stage tests on them; the DINO stage trains on others (its own seed, more patterns)."""
     anchors, positives, negatives = [], [], []
     contexts = scenes.CONTEXTS[1:]
     for _ in range(count):
-        inst = scenes.sample_instance(rng, patterns=scenes.SUBJECT_PATTERNS)
-        first, second = rng.choice(len(contexts), 2, replace=False)
-        new_view = scenes.sample_view(rng, contexts[second])
-        anchors.append(scenes.render(inst, scenes.sample_view(rng, contexts[first]), size))
+        inst = scenes.sample_instance(rng, patterns=patterns)
+        kind = kinds[rng.integers(len(kinds))]
+        setting = scenes.PHOTO_SETTINGS[rng.integers(len(scenes.PHOTO_SETTINGS))]
+        new_view = scenes.sample_view(rng, contexts[rng.integers(len(contexts))])
+        anchors.append(scenes.render(inst, scenes.sample_view(rng, setting), size))
         positives.append(scenes.render(inst, new_view, size))
-        negatives.append(scenes.render(lookalike(rng, inst, kind), new_view, size))
+        negatives.append(scenes.render(scenes.lookalike(rng, inst, kind), new_view, size))
     return [anchors, positives, negatives]
 
 
@@ -96,8 +90,8 @@ def validate_readers(cfg: DictConfig, out: Path, size: int, seed: int) -> dict:
     }
     rng = np.random.default_rng([seed, 17])  # its own stream: no stage's draws move
     rows = []
-    for kind in LOOKALIKES:
-        images = identity_pairs(rng, cfg.pairs, kind, size)
+    for kind in scenes.LOOKALIKES:
+        images = identity_groups(rng, cfg.pairs, [kind], size)
         for (reader, columns), embed in embedders.items():
             anchor, positive, negative = (embed(group) for group in images)
             gap = _cosine(anchor, positive) - _cosine(anchor, negative)

@@ -8,7 +8,7 @@ images, so a toy subject is an instance the base model has never seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -50,6 +50,10 @@ CONTEXTS = (
     "on top of a white rug",
 )
 
+# Where the subjects' own photos are taken, as the DreamBooth dataset's are: everyday places no caption names
+# and no evaluation prompt asks for, so a background is never the subject (pretraining never shows them).
+PHOTO_SETTINGS = ("kitchen counter", "bookshelf", "sofa", "desk by a window", "tiled floor")
+
 PRETRAIN_PATTERNS = ("plain", "stripes", "dots", "band")
 SUBJECT_PATTERNS = ("checker", "zigzag", "diamonds", "diagonal")
 
@@ -86,6 +90,23 @@ class Instance:
         """The same object in another main colour ("a red sks teapot")."""
         second = self.second if self.second != colour else next(c for c in COLOURS if c not in (colour, self.colour))
         return Instance(self.cls, colour, second, self.pattern, self.shape, self.jitter)
+
+
+LOOKALIKES = ("pattern", "second colour", "proportions", "all three")
+
+
+def lookalike(rng: np.random.Generator, inst: Instance, kind: str) -> Instance:
+    """Same class and main colour; another pattern, second colour or proportions (or all three). Proportions
+    move by 0.4-0.6 of their range each, so the look-alike is visibly another object, never a near-copy."""
+    change = {"pattern", "second colour", "proportions"} if kind == "all three" else {kind}
+    pattern, second, shape = inst.pattern, inst.second, inst.shape
+    if "pattern" in change:
+        pattern = str(rng.choice([p for p in SUBJECT_PATTERNS if p != inst.pattern]))
+    if "second colour" in change:
+        second = str(rng.choice([c for c in COLOURS if c not in (inst.colour, inst.second)]))
+    if "proportions" in change:
+        shape = tuple(float((v + rng.uniform(0.4, 0.6)) % 1) for v in inst.shape)
+    return replace(inst, pattern=pattern, second=second, shape=shape)
 
 
 @dataclass(frozen=True)
@@ -509,6 +530,54 @@ def _background(context: str, rng: np.random.Generator, s: int) -> tuple[np.ndar
     elif context == "on top of a white rug":
         _fill(bg, 0, horizon, (200, 195, 185))
         _fill(bg, horizon, s, (245, 245, 240), (235, 235, 230))
+    elif context == "kitchen counter":
+        wall = np.array([(226, 232, 228), (240, 226, 200), (210, 222, 236)][rng.integers(3)], np.float32)
+        _fill(bg, 0, horizon, wall)
+        tile = max(4, s // 12)
+        bg[:horizon:tile] *= 0.8
+        bg[:horizon, ::tile] *= 0.8
+        _fill(bg, horizon, s, (150, 150, 156), (120, 120, 126))
+        d = draw()
+        for _ in range(2):
+            kx = rng.uniform(0.05, 0.95) * s
+            d.rectangle((kx - 0.05 * s, horizon - 0.2 * s, kx + 0.05 * s, horizon), fill=(190, 190, 200))
+    elif context == "bookshelf":
+        _fill(bg, 0, s, (110, 76, 48), (96, 64, 40))
+        d = draw()
+        for top in (0.04 * s, horizon - 0.36 * s):
+            x = 0.0
+            while x < s:
+                w, h = rng.uniform(0.03, 0.07) * s, rng.uniform(0.22, 0.32) * s
+                spine = tuple(int(v) for v in rng.uniform(50, 220, 3))
+                d.rectangle((x, top + 0.32 * s - h, x + w, top + 0.32 * s), fill=spine)
+                x += w + 1
+            d.rectangle((0, top + 0.32 * s, s, top + 0.35 * s), fill=(150, 108, 66))
+        d.rectangle((0, horizon, s, s), fill=(150, 108, 66))
+    elif context == "sofa":
+        cloth = np.array([(120, 126, 110), (150, 140, 120), (90, 100, 120), (140, 90, 80)][rng.integers(4)])
+        _fill(bg, 0, s, cloth * 0.8)
+        d = draw()
+        for k in range(3):
+            x0 = (k / 3) * s + 2
+            d.rounded_rectangle((x0, 0.12 * s, x0 + s / 3 - 4, horizon + 0.05 * s), radius=s // 10, fill=tuple(cloth))
+        d.rounded_rectangle((-4, horizon, s + 4, s + 8), radius=s // 12, fill=tuple(int(v) for v in cloth * 1.1))
+    elif context == "desk by a window":
+        _fill(bg, 0, horizon, (220, 214, 200))
+        d = draw()
+        wx = rng.uniform(0.1, 0.5) * s
+        d.rectangle(
+            (wx, 0.08 * s, wx + 0.42 * s, horizon - 0.08 * s), fill=(150, 190, 230), outline=(250, 250, 250), width=3
+        )
+        d.line((wx + 0.21 * s, 0.08 * s, wx + 0.21 * s, horizon - 0.08 * s), fill=(250, 250, 250), width=3)
+        d.rectangle((0, horizon, s, s), fill=(176, 140, 100))
+        d.line((0, horizon, s, horizon), fill=(120, 90, 60), width=2)
+    elif context == "tiled floor":
+        _fill(bg, 0, horizon, (200, 200, 196))
+        _fill(bg, horizon, s, (214, 206, 190), (190, 180, 164))
+        for y in range(horizon, s, max(4, s // 10)):
+            bg[y] *= 0.75
+        for x in range(0, s, max(6, s // 6)):
+            bg[horizon:, x] *= 0.75
     else:
         raise ValueError(f"unknown context {context!r}")
     if img is not None:

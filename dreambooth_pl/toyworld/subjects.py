@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from dreambooth_pl.toyworld import scenes
 # DreamBench's live-subject list begins with these ten contexts; its outfits are beyond the toy renderer.
 LIVE_CONTEXTS = 10
 PROMPT_COLOURS = ("red", "purple")
+PHOTO_SETTINGS_PER_SUBJECT = 3
 SUBJECTS_FILE = "subjects.json"
 
 
@@ -37,9 +39,11 @@ def subject_instance(spec: DictConfig) -> scenes.Instance:
 
 
 def subject_views(spec: DictConfig) -> list[scenes.View]:
-    """Studio photos, as the DreamBooth dataset's are: pose, scale and background vary, not the context."""
+    """Photos as the DreamBooth dataset's are: a few everyday settings (never an evaluation context) and
+    poses, so what stays constant across them is the subject, not a background."""
     rng = np.random.default_rng(spec.seed)
-    return [scenes.sample_view(rng, "") for _ in range(spec.views)]
+    settings = rng.choice(scenes.PHOTO_SETTINGS, PHOTO_SETTINGS_PER_SUBJECT, replace=False)
+    return [scenes.sample_view(rng, str(settings[i % len(settings)])) for i in range(spec.views)]
 
 
 def _prompt_lines(templates: Sequence[str]) -> list[str]:
@@ -97,6 +101,12 @@ class GroundTruth:
             return None
         instance = scenes.Instance(**{k: tuple(v) if isinstance(v, list) else v for k, v in found.items()})
         return cls(instance, identifier, spec["size"])
+
+    def lookalike(self) -> GroundTruth:
+        """The same drawing of a look-alike (same class and main colour; another pattern, second colour and
+        proportions, fixed per subject): what a model scores that gets everything right but the subject."""
+        rng = np.random.default_rng(zlib.crc32(repr(self.instance).encode()))
+        return dataclasses.replace(self, instance=scenes.lookalike(rng, self.instance, "all three"))
 
     def __call__(self, prompt: str, seed: int) -> Image.Image:
         rng = np.random.default_rng(seed)
