@@ -392,7 +392,7 @@ def test_prior_preservation_keeps_the_class_prior(toy_dreambooth):
 @pytest.mark.xfail(
     strict=True,
     reason="does not reproduce in the toy world: the photos' fixed-noise loss falls nearly as much under an "
-    "unrelated prompt (0.478x under 'a sks teapot', 0.487x under 'a can on the beach', 0.568x under 'a teapot')",
+    "unrelated prompt (0.228x under 'a sks teapot', 0.278x under 'a can on the beach', 0.229x under 'a teapot')",
 )
 @pytest.mark.slow
 def test_the_identifier_lowers_the_subjects_loss_more_than_an_unrelated_prompt(toy_dreambooth):
