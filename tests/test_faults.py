@@ -62,13 +62,20 @@ def records(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in files}
 
 
+def saved_run(run: Path, config: str, overrides: str) -> Path:
+    """A run folder holding only Hydra's saved config and overrides, as a resume reads them."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(config)
+    (run / ".hydra" / "overrides.yaml").write_text(overrides)
+    return run
+
+
 def test_a_crafted_run_folder_cannot_run_code(tmp_path):
     """A shared run folder whose saved overrides instantiate os.system: refused before any work, naming the
     file, the key and the target; nothing runs and nothing in the folder changes."""
-    run = tmp_path / "downloaded-run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text("seed: 42\n")
-    (run / ".hydra" / "overrides.yaml").write_text("- model.vae={_target_:os.system,command:'touch pwned'}\n")
+    run = saved_run(
+        tmp_path / "downloaded-run", "seed: 42\n", "- model.vae={_target_:os.system,command:'touch pwned'}\n"
+    )
     before = records(run)
     output = train_py([f"hydra.run.dir={run}", "ckpt_path=last"], tmp_path, expect=1)
     assert f"{run / '.hydra' / 'overrides.yaml'} asks to run code" in output
@@ -78,10 +85,7 @@ def test_a_crafted_run_folder_cannot_run_code(tmp_path):
 
 
 def test_an_unreadable_saved_config_stops_the_resume_naming_it(tmp_path):
-    run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text("model: {name: toy\n  : [\x00garbage")
-    (run / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    run = saved_run(tmp_path / "run", "model: {name: toy\n  : [\x00garbage", "- seed=1\n")
     before = records(run)
     output = train_py([f"hydra.run.dir={run}", "ckpt_path=last"], tmp_path, expect=1)
     assert f"{run / '.hydra' / 'config.yaml'} cannot be read" in output and "Traceback" not in output
