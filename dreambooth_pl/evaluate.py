@@ -257,6 +257,8 @@ def check_eval_config(cfg: DictConfig) -> None:
             problems.append(f"eval.{option}={OmegaConf.select(cfg, option)} must be between 0 and 2**32 - 1")
     if problems:
         raise ConfigError("Invalid eval config:\n  " + "\n  ".join(problems))
+    if cfg.real_images_dir:
+        list_images(cfg.real_images_dir, option="eval.real_images_dir")  # a missing or empty folder, named now
 
 
 def evaluate_run(
@@ -293,7 +295,7 @@ def evaluate_run(
     images_dir = eval_dir / "images"
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     # everything that can fail fast (photos, embedding models, LPIPS) before minutes of generation
-    real = [load_rgb(p) for p in list_images(real_images_dir, option="real_images_dir")]
+    real = [load_rgb(p) for p in list_images(real_images_dir, option="eval.real_images_dir")]
     require_reachable(cfg.dino.model, "eval.dino.model")
     require_reachable(cfg.clip.model, "eval.clip.model")
     dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
@@ -521,9 +523,10 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     candidates = (chosen("subject.class_noun"), saved_class, table.get(subject), info.get("class_noun"))
     class_noun = pick("subject.class_noun", *candidates)
     noun = pick("instance_class_noun", cfg.instance_class_noun, info.get("class_noun"), class_noun)
-    # the photos the run trained on (dreambooth.json), for exports older than that the dataset's folder
+    # the photos the run was scored against, else trained on (dreambooth.json), else the dataset's folder
     dataset_photos = str(Path(cfg.paths.dreambooth_root) / "dataset" / subject)
-    photos = (cfg.real_images_dir, chosen("subject.instance_dir"), info.get("instance_dir"), dataset_photos)
+    recorded = (info.get("real_images_dir"), info.get("instance_dir"))
+    photos = (cfg.eval.real_images_dir, chosen("subject.instance_dir"), *recorded, dataset_photos)
     real_images_dir = next(p for p in photos if p)
 
     # the training run's W&B run gets the evaluation (same id); a run without one gets a new eval run

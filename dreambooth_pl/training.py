@@ -271,7 +271,8 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
         run_info = {
             **prompts,
             "subject": cfg.subject.name,
-            "instance_dir": os.path.abspath(run.instance_dir),  # the real photos evaluation compares with
+            "instance_dir": os.path.abspath(run.instance_dir),
+            "real_images_dir": os.path.abspath(cfg.eval.real_images_dir or run.instance_dir),  # what evaluation reads
             "base_model": base_model,
             "method": method.name,
             "steps": trainer.global_step,
@@ -291,7 +292,7 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
                 pipeline_dir=result["pipeline"],
                 output_dir=str(output_dir),
                 eval_cfg=cfg.eval,
-                real_images_dir=run.instance_dir,
+                real_images_dir=run_info["real_images_dir"],
                 subject=cfg.subject.name,
                 class_noun=cfg.subject.class_noun,
                 identifier=prompts["identifier"],

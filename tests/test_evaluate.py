@@ -356,7 +356,7 @@ def test_unreachable_embedding_model_fails_before_any_image_is_generated(tmp_pat
     with pytest.raises(ModelNotReachable, match="eval.dino.model='facebook/dino-vits16'"):
         evaluate_run(str(tmp_path), str(tmp_path), cfg, str(TEAPOT), "teapot", "teapot", "sks")
     assert fake_renderer["loads"] == 0 and not (tmp_path / "eval" / "images").exists()
-    with pytest.raises(ImageFolderError, match="real_images_dir=.*does not exist"):
+    with pytest.raises(ImageFolderError, match="eval.real_images_dir=.*does not exist"):
         evaluate_run(str(tmp_path), str(tmp_path), cfg, str(tmp_path / "photos"), "teapot", "teapot", "sks")
 
 

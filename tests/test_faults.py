@@ -184,6 +184,7 @@ EVAL = ["eval.enabled=true"]
         ([*EVAL, "eval.images_per_prompt=1"], "eval.images_per_prompt=1: DIV compares images of one prompt"),
         ([*EVAL, "eval.seed=-5"], "eval.seed=-5 must be between 0 and 2**32 - 1"),
         ([*EVAL, "eval.sampler.num_inference_steps=0"], "eval.sampler.num_inference_steps=0 must be >= 1"),
+        ([*EVAL, "eval.real_images_dir=/no/photos"], "eval.real_images_dir='/no/photos': folder does not exist"),
     ],
 )
 def test_every_number_is_checked_before_any_work(tmp_path, cache_dir, overrides, message):
