@@ -244,10 +244,12 @@ def build_tables(runs: list[dict]) -> dict[str, list[dict]]:
         table1.append({**fields, "prior_weight": weight, **summarize(group, TABLES["table1"]["metrics"])})
         tables["table3"].append({**fields, "prior_weight": weight, **summarize(group, TABLES["table3"]["metrics"])})
     for (method, model, weight, condition), group in _grouped(runs, (*training, "class_noun_condition")):
+        untrained = method in (BASE, *CONTROLS)  # prompted with the class noun, not trained with one
+        noun = "" if untrained else f": {CONDITIONS.get(condition, condition)}"
         tables["table4"].append(
             {
                 "source": "ours",
-                "row": f"{_label(method, model, weight)}: {CONDITIONS.get(condition, condition)}",
+                "row": f"{_label(method, model, weight)}{noun}",
                 "method": method,
                 "model": model,
                 "prior_weight": weight,

@@ -107,6 +107,11 @@ def test_tables_average_per_subject_then_over_subjects(runs):
     paper4 = {r["class_noun_condition"]: r for r in tables["table4"] if r["source"] == "paper"}
     assert (paper4["none"]["dino_mean"], paper4["wrong"]["clip_i_mean"]) == (0.303, 0.728)
 
+    write_run(runs, "h", "teapot", 0.05, prior_weight=None, method="base")  # a control: prompted, never trained
+    t4 = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))])["table4"]
+    labels = [r["row"] for r in t4 if r["source"] == "ours"]
+    assert "Base model (sd15, no fine-tuning)" in labels and "DreamBooth (sd15, PPL λ=1): No Class" in labels
+
 
 def test_unknown_prior_is_not_taken_for_no_prior(tmp_path):
     write_run(tmp_path, "x", "teapot", 0.5, prior_enabled=None, prior_weight=None)
