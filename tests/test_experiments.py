@@ -136,6 +136,41 @@ def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
 
 
 @pytest.mark.slow
+def test_toy_closeup_trains_on_closeups_and_scores_against_the_whole_subject(tmp_path):
+    """experiment=toy_closeup cut to 1 subject, 1 row and a few steps: the run trains on the close-ups, is
+    scored against the subject's whole photos, and the sweep's controls and ceiling are drawn for that subject."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "experiment=toy_closeup",
+        "subject=heldout_can",
+        "toy_row=no_class_noun",
+        "logger=none",
+        "trainer.max_steps=2",
+        "prior.num_images=2",
+        "sampler.num_inference_steps=2",
+        "callbacks.samples.every_n_steps=0",
+        "export.samples.prompts=[]",
+        *QUICK,
+        "eval.images_per_prompt=2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.toyworld_dir={REPO / 'toyworld'}",
+    ]
+    run_train_py(args, tmp_path)
+    trained = json.loads((sweep / "0" / "pipeline" / "dreambooth.json").read_text())
+    assert trained["instance_dir"] == str(REPO / "toyworld" / "closeups" / "heldout_can")
+    assert trained["class_noun"] == ""  # the no-class-noun row: "a sks"
+    whole = str(REPO / "toyworld" / "dataset" / "heldout_can")
+    scored = json.loads((sweep / "0" / "eval" / "metrics.json").read_text())["metadata"]
+    assert scored["real_images_dir"] == trained["real_images_dir"] == whole  # a later re-evaluation reads it too
+    truth = json.loads((sweep / "renderer" / "heldout_can" / "eval" / "metrics.json").read_text())
+    assert truth["images"][0]["prompt"] == "a sks can in the jungle" and truth["metrics"]["dino"] > 0.5
+    runs = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
+    assert {r["class_noun_condition"] for r in runs if r["method"] == "dreambooth"} == {"none"}
+
+
+@pytest.mark.slow
 def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
     """`python train.py -m ablation=ppl` as a user types it, cut to a few steps and images: both jobs are
     evaluated, the base model too, the report with the drift grid is in the sweep folder, which (and so the

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
-from dreambooth_pl.config_utils import resolve_path
+from dreambooth_pl.config_utils import ConfigError, resolve_path
 from dreambooth_pl.dreambench import read_class_table, read_prompt_lists
 from dreambooth_pl.images import load_rgb
 from dreambooth_pl.metrics import DinoEmbedder, Preprocess
@@ -28,7 +28,7 @@ from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
 from dreambooth_pl.toyworld.prior import colour_entropy
 from dreambooth_pl.toyworld.readers import validate_readers
-from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance, subject_views
+from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance, subject_views, write_closeups
 from dreambooth_pl.training import train
 from tests.conftest import REPO, compose_train
 from tests.test_training import fixed_probe
@@ -129,6 +129,33 @@ def test_subject_photos_are_taken_in_everyday_settings_never_an_evaluation_conte
     settings = [view.context for view in subject_views(spec)]
     assert set(settings) <= set(scenes.PHOTO_SETTINGS) and len(set(settings)) == 3
     assert set(scenes.PHOTO_SETTINGS).isdisjoint(scenes.CONTEXTS)
+
+
+def test_closeups_show_the_subjects_colours_without_its_outline(tmp_path):
+    """experiment=toy_closeup's photos: the same views framed on the subject's middle, so the pixels are its
+    two colours and pattern, and its outline (the class, the proportions) is cut by the frame."""
+    cfg = compose_toyworld([])
+    spec = next(s for s in cfg.subjects if s.name == "heldout_can")  # yellow with blue diagonal stripes
+    write_closeups([spec], tmp_path / "closeups", 64, cfg.closeups.crop)
+    shipped = sorted((TOYWORLD / "closeups" / spec.name).glob("*.png"))
+    assert len(shipped) == spec.views
+    for path in shipped:  # the shipped close-ups are what the stage writes
+        written = tmp_path / "closeups" / spec.name / path.name
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(written)))
+
+    def subject_pixels(image: Image.Image) -> np.ndarray:
+        pixels = np.asarray(image, float)
+        near = [np.linalg.norm(pixels - scenes.COLOURS[c], axis=-1) < 60 for c in (spec.colour, spec.second)]
+        return near[0] | near[1]
+
+    inst = subject_instance(spec)
+    whole = [subject_pixels(scenes.render(inst, view, 64)) for view in subject_views(spec)]
+    close = [subject_pixels(load_rgb(p)) for p in shipped]
+    assert max(m.mean() for m in whole) < 0.15 and min(m.mean() for m in close) > 0.4  # 0.11 and 0.47
+    assert max(m[-1].mean() for m in whole) == 0 and min(m[-1].mean() for m in close) > 0.3  # cut at the bottom
+    with pytest.raises(ConfigError, match="closeups.crop=1.5 must be between 0 and 1"):
+        build(compose_toyworld(["closeups.crop=1.5", f"out_dir={tmp_path / 'world'}", "stages=[vae,subjects]"]))
+    assert not (tmp_path / "world").exists()  # refused before the VAE trained
 
 
 def test_a_lookalike_shares_class_and_main_colour_and_differs_visibly():

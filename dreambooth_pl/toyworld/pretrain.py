@@ -7,7 +7,7 @@ Stages (each reads what earlier stages saved under `out_dir`, so a crash loses o
             tokenizer become the pipeline's text_encoder/tokenizer: one text model, trained once)
   dino      ViTModel, InfoNCE: an instance's photos against look-alikes -> out_dir/dino
   unet      UNet2DConditionModel, epsilon loss, caption dropout -> out_dir/pipeline (complete)
-  subjects  the toy subjects' photos and prompts_and_classes.txt -> out_dir/dataset
+  subjects  the toy subjects' photos and prompts_and_classes.txt -> out_dir/dataset (close-ups: out_dir/closeups)
   probe     held-out class x context x colour prompts, read back by the toy CLIP and by an attribute
             classifier trained on rendered images                       -> out_dir/probe
   prior     colour entropy of class images ("a teapot") per guidance scale, against pretraining -> out_dir/prior
@@ -43,7 +43,7 @@ from dreambooth_pl.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.prior import class_prior, save_prior
 from dreambooth_pl.toyworld.readers import identity_groups, save_readers, validate_readers
-from dreambooth_pl.toyworld.subjects import write_subjects
+from dreambooth_pl.toyworld.subjects import write_closeups, write_subjects
 from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
 
 log = logging.getLogger(__name__)
@@ -486,6 +486,8 @@ def build(cfg: DictConfig) -> dict:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"toyworld stages {unknown} unknown: choose from {list(STAGES)}")
+    if not 0 < cfg.closeups.crop < 1:  # before the stages ahead of `subjects` train for an hour
+        raise ConfigError(f"closeups.crop={cfg.closeups.crop} must be between 0 and 1 (the share of the height shown)")
     out = Path(cfg.out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -520,6 +522,7 @@ def build(cfg: DictConfig) -> dict:
             results["unet"] = train_unet(world(), cfg.unet, cfg.scheduler, out, cfg.seed)
         elif stage == "subjects":
             write_subjects(cfg.subjects, out / "dataset", cfg.data.size)
+            write_closeups(cfg.subjects, out / "closeups", cfg.data.size, cfg.closeups.crop)
         elif stage == "probe":
             results["probe"] = probe(world(), attribute_probe(), cfg.probe, out, cfg.seed)
         elif stage == "prior":

@@ -119,6 +119,7 @@ class View:
     scale: float = 0.55  # object height / image height
     x: float = 0.5  # horizontal centre, fraction of the width
     seed: int = 0  # background details
+    crop: float = 1.0  # < 1: a close-up framing this fraction of the object's height, centred on it
 
 
 def sample_instance(rng: np.random.Generator, cls: str | None = None, patterns=PRETRAIN_PATTERNS) -> Instance:
@@ -608,4 +609,8 @@ def render(inst: Instance, view: View, size: int = 64) -> Image.Image:
     )
     out.paste(Image.new("RGB", out.size, (30, 30, 30)), (0, 0), shadow.filter(ImageFilter.GaussianBlur(3)))
     out.paste(sprite, (x, y), sprite)
+    if view.crop < 1:
+        half = view.crop * sprite.height / 2
+        cx, cy = x + sprite.width / 2, y + sprite.height / 2
+        out = out.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
     return out.resize((size, size), Image.Resampling.LANCZOS)

@@ -61,20 +61,36 @@ def prompts_and_classes(subjects: Sequence[DictConfig]) -> str:
     return "\n".join(lines)
 
 
+def _write_photos(spec: DictConfig, folder: Path, size: int, crop: float = 1.0) -> None:
+    inst = subject_instance(spec)
+    folder.mkdir()
+    for i, view in enumerate(subject_views(spec)):
+        scenes.render(inst, dataclasses.replace(view, crop=crop), size).save(folder / f"{i:02d}.png")
+
+
 def write_subjects(subjects: Sequence[DictConfig], dataset_dir: str | Path, size: int) -> Path:
     """The whole dataset folder at once (every subject and the prompts file, or the old folder untouched)."""
 
     def write(staging: Path) -> None:
         for spec in subjects:
-            inst = subject_instance(spec)
-            (staging / spec.name).mkdir()
-            for i, view in enumerate(subject_views(spec)):
-                scenes.render(inst, view, size).save(staging / spec.name / f"{i:02d}.png")
+            _write_photos(spec, staging / spec.name, size)
         (staging / "prompts_and_classes.txt").write_text(prompts_and_classes(subjects))
         described = {s.name: dataclasses.asdict(subject_instance(s)) for s in subjects}
         (staging / SUBJECTS_FILE).write_text(json.dumps({"size": size, "subjects": described}, indent=2) + "\n")
 
     return write_dir_atomically(dataset_dir, write)
+
+
+def write_closeups(subjects: Sequence[DictConfig], closeups_dir: str | Path, size: int, crop: float) -> Path:
+    """The same photos as close-ups framing the middle `crop` of the subject's height: its colours and pattern
+    without the outline and proportions that make it a teapot, which only the class noun can then supply
+    (the paper's Table 4 mechanism, experiment=toy_closeup)."""
+
+    def write(staging: Path) -> None:
+        for spec in subjects:
+            _write_photos(spec, staging / spec.name, size, crop)
+
+    return write_dir_atomically(closeups_dir, write)
 
 
 @dataclasses.dataclass(frozen=True)
