@@ -74,18 +74,12 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
     assert all(-1 <= float(r["dino_mean"]) <= 1 for r in rows)
 
 
-@pytest.mark.slow
-def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
-    """experiment=toy_paper as a user runs it, cut to 1 test subject, 1 seed and a few steps: every toy_row
-    trains and is evaluated, then the sweep's end evaluates the control rows (base model, base model +
-    attribute words, renderer ground truth and look-alike) and writes the report with paired differences
-    and the drift grid."""
+def run_toy_sweep(tmp_path, *overrides: str):
+    """A toy experiment as a user runs it (train.py -m), cut to a few steps and images; returns its folder."""
     sweep = tmp_path / "sweep"
     args = [
         "-m",
-        "experiment=toy_paper",
-        "subject=heldout_teapot",
-        "seed=100",
+        *overrides,
         "logger=none",
         "trainer.max_steps=2",
         "prior.num_images=2",
@@ -99,6 +93,16 @@ def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
         f"paths.toyworld_dir={REPO / 'toyworld'}",
     ]
     run_train_py(args, tmp_path)
+    return sweep
+
+
+@pytest.mark.slow
+def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
+    """experiment=toy_paper as a user runs it, cut to 1 test subject, 1 seed and a few steps: every toy_row
+    trains and is evaluated, then the sweep's end evaluates the control rows (base model, base model +
+    attribute words, renderer ground truth and look-alike) and writes the report with paired differences
+    and the drift grid."""
+    sweep = run_toy_sweep(tmp_path, "experiment=toy_paper", "subject=heldout_teapot", "seed=100")
     report = sweep / "report"
     runs = list(csv.DictReader((report / "runs.csv").open()))
     assert sorted((r["method"], r["prior_weight"], r["class_noun_condition"]) for r in runs) == [
@@ -139,25 +143,7 @@ def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
 def test_toy_closeup_trains_on_closeups_and_scores_against_the_whole_subject(tmp_path):
     """experiment=toy_closeup cut to 1 subject, 1 row and a few steps: the run trains on the close-ups, is
     scored against the subject's whole photos, and the sweep's controls and ceiling are drawn for that subject."""
-    sweep = tmp_path / "sweep"
-    args = [
-        "-m",
-        "experiment=toy_closeup",
-        "subject=heldout_can",
-        "toy_row=no_class_noun",
-        "logger=none",
-        "trainer.max_steps=2",
-        "prior.num_images=2",
-        "sampler.num_inference_steps=2",
-        "callbacks.samples.every_n_steps=0",
-        "export.samples.prompts=[]",
-        *QUICK,
-        "eval.images_per_prompt=2",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.toyworld_dir={REPO / 'toyworld'}",
-    ]
-    run_train_py(args, tmp_path)
+    sweep = run_toy_sweep(tmp_path, "experiment=toy_closeup", "subject=heldout_can", "toy_row=no_class_noun")
     trained = json.loads((sweep / "0" / "pipeline" / "dreambooth.json").read_text())
     assert trained["instance_dir"] == str(REPO / "toyworld" / "closeups" / "heldout_can")
     assert trained["class_noun"] == ""  # the no-class-noun row: "a sks"
