@@ -3,12 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.sweeps import run_entry_point
+from dreambooth_pl.runs.sweeps import run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from dreambooth_pl.training import train  # imported here so that `--help` answers without loading torch
+    from dreambooth_pl.training.job import train  # imported here so that `--help` answers without loading torch
 
     run_entry_point(lambda: train(cfg), fail_fast=cfg.fail_fast)
 

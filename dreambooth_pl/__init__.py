@@ -1,5 +1,5 @@
-from dreambooth_pl.config_utils import register_resolvers
-from dreambooth_pl.console import quiet_libraries
+from dreambooth_pl.util.config import register_resolvers
+from dreambooth_pl.util.console import quiet_libraries
 
 quiet_libraries()
 register_resolvers()

@@ -22,10 +22,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dreambooth_pl.config_utils import resolve_path
-from dreambooth_pl.models import load_pipeline
-from dreambooth_pl.sampling import SamplerSettings, render
-from dreambooth_pl.training import build_run
+from dreambooth_pl.util.config import resolve_path
+from dreambooth_pl.models.pipelines import load_pipeline
+from dreambooth_pl.models.sampling import SamplerSettings, render
+from dreambooth_pl.training.job import build_run
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ def synthetic_dreambooth_root(root: Path) -> Path:
     """
     if (root / "dataset" / "prompts_and_classes.txt").is_file():
         return root
-    from dreambooth_pl.demo_subject import render_demo_subject
+    from dreambooth_pl.toyworld.demo_subject import render_demo_subject
 
     subjects = {}
     for path in sorted((REPO / "conf" / "subject").glob("*.yaml")):
@@ -148,7 +148,7 @@ def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path) -> Di
 @pytest.fixture(scope="session")
 def tiny_pretrained(cache_dir) -> str:
     """The tiny model of conf/model/tiny.yaml, built and saved in diffusers layout."""
-    from dreambooth_pl.config_utils import resolve_path
+    from dreambooth_pl.util.config import resolve_path
 
     cfg = compose_train(FAST, cache_dir / "unused", cache_dir)
     return resolve_path(cfg.model.pretrained)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dreambooth_pl.class_images import ClassImageCache
+from dreambooth_pl.training.class_images import ClassImageCache
 
 SAMPLER = {"num_inference_steps": 2, "resolution": 64, "batch_size": 3}
 

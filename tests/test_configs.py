@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dreambooth_pl.training import check_config, prior_active
+from dreambooth_pl.training.job import check_config, prior_active
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 
 CONF = REPO / "conf"
@@ -35,7 +35,7 @@ def test_every_option_composes_and_resolves(group, tmp_path):
 
 def test_model_recipes():
     cfg = {m: compose_train([f"model={m}"], Path("/o"), Path("/c")) for m in options("model")}
-    assert cfg["tiny"].model.pretrained._target_ == "dreambooth_pl.models.build_random_pipeline"
+    assert cfg["tiny"].model.pretrained._target_ == "dreambooth_pl.models.pipelines.build_random_pipeline"
     assert cfg["sd15"].model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (cfg["sd15"].model.resolution, cfg["sd21"].model.resolution) == (512, 768)
     assert cfg["sd15"].module.optimizer.lr == 5e-6
@@ -55,7 +55,7 @@ def test_ablation_sweeps(tmp_path):
     assert ppl.eval.enabled and ppl.eval.clip.model.endswith("toyworld/clip") and ppl.sweep_name == "ablation_ppl"
     assert not compose_train([], tmp_path, tmp_path).eval.enabled
     reports = {hydra_ppl.callbacks.report._target_, hydra_cn.callbacks.report._target_}
-    assert reports == {"dreambooth_pl.report.SweepReport"}
+    assert reports == {"dreambooth_pl.reporting.report.SweepReport"}
 
     nouns = {
         v: compose_train([f"class_noun={v}", "subject=teapot"], tmp_path, tmp_path).prompts.instance_class_noun
@@ -114,7 +114,7 @@ def test_default_paths_resolve_against_the_project_from_any_folder(tmp_path):
 
 
 def test_a_missing_local_model_folder_is_no_such_folder(tmp_path):
-    from dreambooth_pl.models import ModelNotReachable, require_reachable
+    from dreambooth_pl.models.pipelines import ModelNotReachable, require_reachable
 
     for missing in (str(tmp_path / "nope"), "toyworld/nope/pipeline", "./dino"):
         with pytest.raises(ModelNotReachable, match=r"eval.dino.model=.*: no such folder") as err:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_pl.data import DreamBoothDataModule
-from dreambooth_pl.images import ImageFolderError, ImageTransform, list_images, load_rgb
+from dreambooth_pl.training.data import DreamBoothDataModule
+from dreambooth_pl.util.images import ImageFolderError, ImageTransform, list_images, load_rgb
 from tests.conftest import DREAMBOOTH_ROOT, needs_dataset
 
 
@@ -164,7 +164,7 @@ def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
 def test_noise_and_near_duplicate_photos_are_named_before_training(tmp_path, caplog):
     """A custom subject of random noise, or of one photo saved twice, gets a clear warning when it is loaded;
     the toy world's subjects and the DreamBooth dataset's photos get none."""
-    from dreambooth_pl.data import load_instance_images
+    from dreambooth_pl.training.data import load_instance_images
     from tests.conftest import REPO
 
     rng = np.random.default_rng(0)
@@ -191,8 +191,8 @@ def test_noise_and_near_duplicate_photos_are_named_before_training(tmp_path, cap
 @pytest.mark.parametrize(("subject", "warned"), [("teapot", True), ("toy_teapot", False), ("demo", False)])
 def test_the_toy_model_on_photos_from_elsewhere_says_so(subject, warned, tmp_path, caplog):
     """model=toy (the default) with the DreamBooth dataset's teapot: one line naming the real-model command."""
-    from dreambooth_pl.config_utils import resolve_path
-    from dreambooth_pl.training import warn_toy_model_on_photos
+    from dreambooth_pl.util.config import resolve_path
+    from dreambooth_pl.training.job import warn_toy_model_on_photos
     from tests.conftest import compose_train
 
     root = tmp_path if subject == "demo" else DREAMBOOTH_ROOT  # demo without a dataset: a toy-world render

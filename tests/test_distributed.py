@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.training.module import DreamBoothModule
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from dreambooth_pl import evaluate as evaluate_module
 from dreambooth_pl import models as models_module
-from dreambooth_pl.dreambench import read_class_table, read_prompt_lists, subject_prompts
-from dreambooth_pl.evaluate import (
+from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists, subject_prompts
+from dreambooth_pl.evaluation.evaluate import (
     ImageJob,
     class_noun_condition,
     evaluate_from_config,
@@ -28,8 +28,8 @@ from dreambooth_pl.evaluate import (
     run_meta_from_config,
     saved_run_config,
 )
-from dreambooth_pl.images import ImageFolderError
-from dreambooth_pl.models import ModelNotReachable
+from dreambooth_pl.util.images import ImageFolderError
+from dreambooth_pl.models.pipelines import ModelNotReachable
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset, needs_real_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.wandb_records import history_rows
@@ -380,7 +380,7 @@ def test_two_evaluations_started_together_render_each_image_once(tmp_path, tiny_
 
     images = tmp_path / "images"
     script = (
-        "from pathlib import Path; from dreambooth_pl.evaluate import ImageJob, generate_missing;"
+        "from pathlib import Path; from dreambooth_pl.evaluation.evaluate import ImageJob, generate_missing;"
         "jobs = [ImageJob(f'p00_{i:02d}.png', 'a sks teapot', i, 0) for i in range(6)];"
         f"print('generated', generate_missing({tiny_pretrained!r}, jobs, Path({str(images)!r}), "
         "{'num_inference_steps': 2, 'resolution': 32, 'batch_size': 1}))"

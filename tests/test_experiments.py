@@ -23,7 +23,7 @@ def sweep_params(experiment: str) -> dict:
         cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.eval.enabled and cfg.eval.images_per_prompt == 4
     # the sweep folder and W&B group are named after it, and it ends with its report
-    assert cfg.sweep_name == experiment and cfg.hydra.callbacks.report._target_ == "dreambooth_pl.report.SweepReport"
+    assert cfg.sweep_name == experiment and cfg.hydra.callbacks.report._target_ == "dreambooth_pl.reporting.report.SweepReport"
     return {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
 
 

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.training.module import DreamBoothModule
 from tests.test_losses import fixed_batch
 
 # Computed on main at 61a2b08 (before the family seam) with this exact batch, noise and timesteps.

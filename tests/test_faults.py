@@ -19,22 +19,22 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from dreambooth_pl.checkpoints import CheckpointError
-from dreambooth_pl.config_utils import ConfigError
-from dreambooth_pl.dreambench import read_class_table, read_prompt_lists
-from dreambooth_pl.export import write_dir_atomically
-from dreambooth_pl.files import DiskFull, ProcessLock, atomic_file
-from dreambooth_pl.loggers import RUN_RECORD, read_run_record
-from dreambooth_pl.models import ModelNotReachable, from_pretrained_or_explain
-from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.runs.checkpoints import CheckpointError
+from dreambooth_pl.util.config import ConfigError
+from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
+from dreambooth_pl.runs.export import write_dir_atomically
+from dreambooth_pl.runs.files import DiskFull, ProcessLock, atomic_file
+from dreambooth_pl.runs.loggers import RUN_RECORD, read_run_record
+from dreambooth_pl.models.pipelines import ModelNotReachable, from_pretrained_or_explain
+from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.toyworld.pretrain import build
 from dreambooth_pl.toyworld.subjects import SUBJECTS_FILE, subject_views
-from dreambooth_pl.training import check_config, train
+from dreambooth_pl.training.job import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.test_toyworld import compose_toyworld
 
-HOLD_LOCK = "import sys, time; from dreambooth_pl.files import ProcessLock; ProcessLock(sys.argv[1], 'x').acquire(); "
+HOLD_LOCK = "import sys, time; from dreambooth_pl.runs.files import ProcessLock; ProcessLock(sys.argv[1], 'x').acquire(); "
 
 
 def train_py(args: list[str], cwd: Path, expect: int) -> str:
@@ -132,7 +132,7 @@ def test_a_sweep_goes_on_after_a_failed_job_and_its_report_says_what_is_missing(
     command += ["eval.images_per_prompt=2", "eval.pres.num_images=2", "eval.sampler.num_inference_steps=2"]
     command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
     command += [f"hydra.sweep.dir={sweep}"]
-    command += ["+hydra.callbacks.report._target_=dreambooth_pl.report.SweepReport"]
+    command += ["+hydra.callbacks.report._target_=dreambooth_pl.reporting.report.SweepReport"]
     command += [f"+hydra.callbacks.report.base_model={tmp_path / 'no-such-model'}"]
     output = train_py(command, tmp_path, expect=1)
     failure = "job 0 (trainer.max_steps=0) failed: Invalid config: trainer.max_steps=0 must be >= 1"

@@ -17,11 +17,11 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from dreambooth_pl.config_utils import ConfigError, resolve_path
-from dreambooth_pl.losses import FlowMatching
-from dreambooth_pl.models import load_components
-from dreambooth_pl.module import DreamBoothModule
-from dreambooth_pl.training import build_run, train
+from dreambooth_pl.util.config import ConfigError, resolve_path
+from dreambooth_pl.training.losses import FlowMatching
+from dreambooth_pl.models.pipelines import load_components
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.training.job import build_run, train
 from tests.conftest import FAST, compose_train, needs_dataset
 from tests.test_sdxl import mixed_batch
 
@@ -411,7 +411,7 @@ def test_what_cannot_run_here_stops_before_any_work(tmp_path, overrides, message
 
 
 def test_textual_inversion_is_refused_on_sd3_with_why(sd3_tiny, cache_dir):
-    from dreambooth_pl.methods import TextualInversion
+    from dreambooth_pl.training.methods import TextualInversion
 
     method = TextualInversion(initializer="teapot")
     method.prompt_token("sks")
@@ -445,7 +445,7 @@ def test_flow_model_configs_are_consistent(tmp_path):
 
 @needs_dataset
 def test_evaluation_scores_the_flux_export(flux_dreambooth_run, tmp_path):
-    from dreambooth_pl.evaluate import evaluate_run
+    from dreambooth_pl.evaluation.evaluate import evaluate_run
     from tests.test_evaluate import METRIC_KEYS, QUICK, TEAPOT, compose_eval
     from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 

@@ -7,12 +7,12 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import CLIPTokenizer
 
-from dreambooth_pl.identifier import (
+from dreambooth_pl.text.identifier import (
     find_rare_token,
     identifier_token_count,
     resolve_identifier,
 )
-from dreambooth_pl.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
+from dreambooth_pl.text.vocab import build_clip_tokenizer, clip_vocab_from_bpe, word_vocab
 from tests.conftest import CLIP_BPE, CLIP_BPE_MISSING
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_identifier_configs(clip_tokenizer, caplog):
     sks = OmegaConf.load(REPO / "conf" / "identifier" / "sks.yaml")
     auto = OmegaConf.load(REPO / "conf" / "identifier" / "auto.yaml")
     assert resolve_identifier(clip_tokenizer, **sks) == "sks"
-    with caplog.at_level(logging.INFO, logger="dreambooth_pl.identifier"):
+    with caplog.at_level(logging.INFO, logger="dreambooth_pl.text.identifier"):
         token = resolve_identifier(clip_tokenizer, **auto)
     assert token not in auto.exclude_words and token not in ENGLISH
     assert token == find_rare_token(clip_tokenizer, **{k: v for k, v in auto.items() if k != "token"})

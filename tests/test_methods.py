@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_pl.config_utils import resolve_path
-from dreambooth_pl.models import load_components, load_pipeline
-from dreambooth_pl.sampling import use_scheduler
-from dreambooth_pl.training import train
+from dreambooth_pl.util.config import resolve_path
+from dreambooth_pl.models.pipelines import load_components, load_pipeline
+from dreambooth_pl.models.sampling import use_scheduler
+from dreambooth_pl.training.job import train
 from tests.conftest import FAST, compose_train, needs_dataset
 
 pytestmark = needs_dataset
@@ -208,7 +208,7 @@ def test_lora_export_folds_alpha_into_every_target_not_only_attention(tmp_path, 
     ],
 )
 def test_text_encoder_adapters_learn_at_their_own_rate_and_weight_decay(tmp_path, cache_dir, model, expected):
-    from dreambooth_pl.training import build_run
+    from dreambooth_pl.training.job import build_run
 
     cfg = compose_train([*FAST, f"model={model}", "method=lora", "method.train_text_encoder=true"], tmp_path, cache_dir)
     module = build_run(cfg).module

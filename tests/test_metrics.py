@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-from dreambooth_pl.images import load_rgb
-from dreambooth_pl.metrics import (
+from dreambooth_pl.util.images import load_rgb
+from dreambooth_pl.evaluation.metrics import (
     ClipEmbedder,
     DinoEmbedder,
     Diversity,
@@ -31,8 +31,8 @@ from dreambooth_pl.metrics import (
     vae_feature_distance,
     warn_div_not_lpips,
 )
-from dreambooth_pl.models import ModelNotReachable
-from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
+from dreambooth_pl.models.pipelines import ModelNotReachable
+from dreambooth_pl.text.vocab import build_clip_tokenizer, word_vocab
 from tests.conftest import DREAMBOOTH_ROOT, needs_dataset
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -258,7 +258,7 @@ def test_div_backend_prefers_lpips_when_it_imports(monkeypatch):
 def test_div_backend_falls_back_to_dino_without_lpips(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips raises ImportError
     warn_div_not_lpips.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="dreambooth_pl.metrics"):
+    with caplog.at_level(logging.WARNING, logger="dreambooth_pl.evaluation.metrics"):
         assert choose_div_backend("auto") == "dino"
         assert choose_div_backend("auto") == "dino"
     assert caplog.text.count("DIV IS NOT LPIPS") == 1  # loud, once

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.models import (
+from dreambooth_pl.models.pipelines import (
     ModelNotReachable,
     build_random_pipeline,
     check_pretrained,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl.evaluate import model_location
-from dreambooth_pl.report import build_tables, load_run, main, paired_comparisons, t_quantile, write_report
+from dreambooth_pl.evaluation.evaluate import model_location
+from dreambooth_pl.reporting.report import build_tables, load_run, main, paired_comparisons, t_quantile, write_report
 from tests.conftest import REPO, needs_dataset
 from tests.test_evaluate import evaluated_sweep
 

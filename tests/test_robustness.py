@@ -24,16 +24,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dreambooth_pl.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
-from dreambooth_pl.class_images import ClassImageCache
-from dreambooth_pl.data import DreamBoothDataModule
-from dreambooth_pl.evaluate import run_meta_from_config, saved_run_config
-from dreambooth_pl.export import recover_exports, write_dir_atomically
+from dreambooth_pl.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
+from dreambooth_pl.training.class_images import ClassImageCache
+from dreambooth_pl.training.data import DreamBoothDataModule
+from dreambooth_pl.evaluation.evaluate import run_meta_from_config, saved_run_config
+from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
 from dreambooth_pl.generate import generate
-from dreambooth_pl.images import ImageFolderError, is_readable_image, list_images, save_atomically
-from dreambooth_pl.models import ModelNotReachable, check_pretrained
-from dreambooth_pl.module import DreamBoothModule
-from dreambooth_pl.training import check_config, train
+from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
+from dreambooth_pl.models.pipelines import ModelNotReachable, check_pretrained
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.training.job import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 
 RESUME_RUN = [
@@ -197,7 +197,7 @@ def test_last_ckpt_is_always_the_newest_step_and_training_further_continues_the_
 @pytest.mark.slow
 def test_killed_class_image_generation_leaves_only_complete_images(tmp_path, tiny_pretrained):
     script = (
-        "import sys; from dreambooth_pl.class_images import ClassImageCache;"
+        "import sys; from dreambooth_pl.training.class_images import ClassImageCache;"
         f"ClassImageCache({str(tmp_path)!r}, {tiny_pretrained!r}, "
         "{'num_inference_steps': 20, 'resolution': 64, 'batch_size': 1}).ensure('a teapot', 500)"
     )
@@ -515,7 +515,7 @@ def test_jobs_started_together_build_the_model_and_the_class_images_once(tmp_pat
     on the locks and reuses both; neither removes a file the other has in flight."""
     script = (
         "import logging; logging.basicConfig(level=logging.INFO); from hydra.utils import instantiate;"
-        "from dreambooth_pl.config_utils import resolve_path; from tests.conftest import FAST, compose_train;"
+        "from dreambooth_pl.util.config import resolve_path; from tests.conftest import FAST, compose_train;"
         f"cfg = compose_train(FAST, {str(tmp_path / 'run')!r}, {str(tmp_path / 'cache')!r});"
         "model = resolve_path(cfg.model.pretrained); print('model', model);"
         "print('generated', instantiate(cfg.prior.cache, pretrained=model).ensure('a teapot', 8))"

@@ -13,13 +13,13 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from dreambooth_pl.config_utils import resolve_path
-from dreambooth_pl.data import DreamBoothDataset, collate
-from dreambooth_pl.families import get_family
-from dreambooth_pl.images import ImageTransform
-from dreambooth_pl.models import load_components, load_pipeline
-from dreambooth_pl.module import DreamBoothModule
-from dreambooth_pl.training import train
+from dreambooth_pl.util.config import resolve_path
+from dreambooth_pl.training.data import DreamBoothDataset, collate
+from dreambooth_pl.models.families import get_family
+from dreambooth_pl.util.images import ImageTransform
+from dreambooth_pl.models.pipelines import load_components, load_pipeline
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.training.job import train
 from tests.conftest import FAST, compose_train, needs_dataset
 from tests.test_methods import render, run
 
@@ -298,7 +298,7 @@ def test_textual_inversion_learns_one_embedding_per_encoder(tmp_path, cache_dir)
 
 @needs_dataset
 def test_evaluation_scores_the_sdxl_export(dreambooth_run, tmp_path):
-    from dreambooth_pl.evaluate import evaluate_run
+    from dreambooth_pl.evaluation.evaluate import evaluate_run
     from tests.test_evaluate import METRIC_KEYS, QUICK, TEAPOT, compose_eval
     from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dreambooth_pl import demo_subject
-from dreambooth_pl.demo_subject import demo_instance_dir, render_demo_subject
+from dreambooth_pl.toyworld.demo_subject import demo_instance_dir, render_demo_subject
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT_DIR = REPO / "conf" / "subject"
@@ -238,7 +238,7 @@ def test_demo_instance_dir_prefers_dataset_folder(tmp_path, caplog):
     ds = tmp_path / "teapot"
     ds.mkdir()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(ds / "00.JPG", format="JPEG")
-    with caplog.at_level(logging.INFO, logger="dreambooth_pl.demo_subject"):
+    with caplog.at_level(logging.INFO, logger="dreambooth_pl.toyworld.demo_subject"):
         got = demo_instance_dir(str(ds), str(tmp_path / "render"))
     assert got == str(ds)
     assert not (tmp_path / "render").exists()
@@ -250,7 +250,7 @@ def test_demo_instance_dir_renders_when_dataset_absent(tmp_path, caplog, make_em
     ds = tmp_path / "teapot"
     if make_empty:
         ds.mkdir()
-    with caplog.at_level(logging.INFO, logger="dreambooth_pl.demo_subject"):
+    with caplog.at_level(logging.INFO, logger="dreambooth_pl.toyworld.demo_subject"):
         got = demo_instance_dir(str(ds), str(tmp_path / "render"), num_images=2, size=48, seed=1)
     assert got == str(tmp_path / "render")
     assert [load(p).shape for p in image_files(Path(got))] == [(48, 48, 3)] * 2

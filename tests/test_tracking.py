@@ -15,10 +15,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dreambooth_pl.dashboard import build_report
-from dreambooth_pl.images import image_grid
-from dreambooth_pl.loggers import RUN_RECORD, server_reachable
-from dreambooth_pl.resume import merge_overrides
+from dreambooth_pl.reporting.dashboard import build_report
+from dreambooth_pl.util.images import image_grid
+from dreambooth_pl.runs.loggers import RUN_RECORD, server_reachable
+from dreambooth_pl.runs.resume import merge_overrides
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.wandb_records import history_rows, run_summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.config_utils import exit_on_config_error
+from dreambooth_pl.util.config import exit_on_config_error
 from dreambooth_pl.toyworld.pretrain import build
 
 

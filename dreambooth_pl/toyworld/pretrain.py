@@ -33,18 +33,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTModel
 
-from dreambooth_pl.config_utils import ConfigError
-from dreambooth_pl.export import save_pipeline_atomically, write_dir_atomically
-from dreambooth_pl.families import Components, get_family
-from dreambooth_pl.images import image_grid, save_atomically
-from dreambooth_pl.losses import dreambooth_loss, snr_weights
-from dreambooth_pl.models import load_pipeline
-from dreambooth_pl.sampling import SamplerSettings, render
+from dreambooth_pl.util.config import ConfigError
+from dreambooth_pl.runs.export import save_pipeline_atomically, write_dir_atomically
+from dreambooth_pl.models.families import Components, get_family
+from dreambooth_pl.util.images import image_grid, save_atomically
+from dreambooth_pl.training.losses import dreambooth_loss, snr_weights
+from dreambooth_pl.models.pipelines import load_pipeline
+from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 from dreambooth_pl.toyworld.prior import class_prior, save_prior
 from dreambooth_pl.toyworld.readers import identity_groups, save_readers, validate_readers
 from dreambooth_pl.toyworld.subjects import write_closeups, write_subjects
-from dreambooth_pl.vocab import build_clip_tokenizer, word_vocab
+from dreambooth_pl.text.vocab import build_clip_tokenizer, word_vocab
 
 log = logging.getLogger(__name__)
 

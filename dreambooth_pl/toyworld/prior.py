@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dreambooth_pl.models import load_pipeline
-from dreambooth_pl.sampling import SamplerSettings, render
+from dreambooth_pl.models.pipelines import load_pipeline
+from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
 
 

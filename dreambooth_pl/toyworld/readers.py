@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from dreambooth_pl.metrics import (
+from dreambooth_pl.evaluation.metrics import (
     ClipEmbedder,
     DinoEmbedder,
     Preprocess,

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from dreambooth_pl.export import write_dir_atomically
+from dreambooth_pl.runs.export import write_dir_atomically
 from dreambooth_pl.toyworld import scenes
 
 # DreamBench's live-subject list begins with these ten contexts; its outfits are beyond the toy renderer.

@@ -1,0 +1,1 @@
+"""Sweep reports and the W&B dashboard: tables, paired statistics, figures."""

@@ -1,0 +1,1 @@
+"""The run folder: atomic files, exports, checkpoints, resume, loggers and sweep plumbing."""

@@ -1,0 +1,1 @@
+"""Tokens and prompts: the identifier, prompt templates and the CLIP vocabulary."""

@@ -1,0 +1,1 @@
+"""The training job: orchestration, the LightningModule, losses, methods, data and class images."""
