@@ -20,17 +20,17 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from dreambooth_pl.util.console import quiet_loading_bars
+from dreambooth_pl.models.families import Components, family_of_pipeline, get_family
+from dreambooth_pl.models.hub import check_pretrained, from_pretrained_or_explain
 from dreambooth_pl.runs.export import (
     LORA_WEIGHTS,
     TEXTUAL_INVERSION_WEIGHTS,
     read_run_info,
     save_pipeline_atomically,
 )
-from dreambooth_pl.models.families import Components, family_of_pipeline, get_family
-from dreambooth_pl.models.hub import check_pretrained, from_pretrained_or_explain
 from dreambooth_pl.runs.files import ProcessLock
 from dreambooth_pl.text.vocab import build_clip_tokenizer, build_t5_tokenizer, clip_vocab_from_bpe, word_vocab
+from dreambooth_pl.util.console import quiet_loading_bars
 
 log = logging.getLogger(__name__)
 quiet_loading_bars()
