@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dreambooth_pl import evaluate as evaluate_module
-from dreambooth_pl import models as models_module
+from dreambooth_pl.evaluation import evaluate as evaluate_module
+from dreambooth_pl.models import pipelines as models_module
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists, subject_prompts
 from dreambooth_pl.evaluation.evaluate import (
     ImageJob,

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dreambooth_pl import demo_subject
+from dreambooth_pl.toyworld import demo_subject
 from dreambooth_pl.toyworld.demo_subject import demo_instance_dir, render_demo_subject
 
 REPO = Path(__file__).resolve().parents[1]
