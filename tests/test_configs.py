@@ -114,7 +114,7 @@ def test_default_paths_resolve_against_the_project_from_any_folder(tmp_path):
 
 
 def test_a_missing_local_model_folder_is_no_such_folder(tmp_path):
-    from dreambooth_pl.models.pipelines import ModelNotReachable, require_reachable
+    from dreambooth_pl.models.hub import ModelNotReachable, require_reachable
 
     for missing in (str(tmp_path / "nope"), "toyworld/nope/pipeline", "./dino"):
         with pytest.raises(ModelNotReachable, match=r"eval.dino.model=.*: no such folder") as err:

@@ -29,7 +29,7 @@ from dreambooth_pl.evaluation.evaluate import (
     saved_run_config,
 )
 from dreambooth_pl.util.images import ImageFolderError
-from dreambooth_pl.models.pipelines import ModelNotReachable
+from dreambooth_pl.models.hub import ModelNotReachable
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset, needs_real_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.wandb_records import history_rows

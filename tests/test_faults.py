@@ -25,7 +25,7 @@ from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_list
 from dreambooth_pl.runs.export import write_dir_atomically
 from dreambooth_pl.runs.files import DiskFull, ProcessLock, atomic_file
 from dreambooth_pl.runs.loggers import RUN_RECORD, read_run_record
-from dreambooth_pl.models.pipelines import ModelNotReachable, from_pretrained_or_explain
+from dreambooth_pl.models.hub import ModelNotReachable, from_pretrained_or_explain
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.toyworld.pretrain import build
 from dreambooth_pl.toyworld.subjects import SUBJECTS_FILE, subject_views

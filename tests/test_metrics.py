@@ -31,7 +31,7 @@ from dreambooth_pl.evaluation.metrics import (
     vae_feature_distance,
     warn_div_not_lpips,
 )
-from dreambooth_pl.models.pipelines import ModelNotReachable
+from dreambooth_pl.models.hub import ModelNotReachable
 from dreambooth_pl.text.vocab import build_clip_tokenizer, word_vocab
 from tests.conftest import DREAMBOOTH_ROOT, needs_dataset
 

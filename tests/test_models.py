@@ -10,12 +10,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.models.pipelines import (
-    ModelNotReachable,
-    build_random_pipeline,
-    check_pretrained,
-    load_components,
-)
+from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
+from dreambooth_pl.models.pipelines import build_random_pipeline, load_components
 from tests.conftest import CLIP_BPE, FAST, compose_train, needs_clip_bpe
 
 

@@ -31,7 +31,7 @@ from dreambooth_pl.evaluation.evaluate import run_meta_from_config, saved_run_co
 from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
 from dreambooth_pl.generate import generate
 from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
-from dreambooth_pl.models.pipelines import ModelNotReachable, check_pretrained
+from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.training.job import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset

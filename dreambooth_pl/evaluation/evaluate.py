@@ -47,7 +47,8 @@ from dreambooth_pl.evaluation.metrics import (
     self_similarity,
     vae_feature_distance,
 )
-from dreambooth_pl.models.pipelines import loaded_pipeline, model_fingerprint, require_reachable
+from dreambooth_pl.models.hub import model_fingerprint, require_reachable
+from dreambooth_pl.models.pipelines import loaded_pipeline
 from dreambooth_pl.text.prompts import fill_prompt
 from dreambooth_pl.models.sampling import SamplerSettings, render
 

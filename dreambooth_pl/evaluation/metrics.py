@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from dreambooth_pl.models.pipelines import ModelNotReachable, download_hint
+from dreambooth_pl.models.hub import ModelNotReachable, download_hint
 
 log = logging.getLogger(__name__)
 

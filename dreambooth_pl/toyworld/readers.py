@@ -12,8 +12,8 @@ Diversity (DIV's distance): two renders of one prompt with their own pose, layou
 farther apart than a near-duplicate (the same render nudged by a couple of degrees and pixels), in
 `win_rate` of the pairs; also with only the pose varied (same background).
 
-Writes `<out>/readers/readers.json` and `readers.md` (the table docs/toy_world.md shows); the report marks
-the columns of a reader that fails (readers.json beside the evaluated DINO model).
+Writes `<out>/readers/readers.json` and `readers.md` (the table docs/results/toy_world_build.md reads); the
+report marks the columns of a reader that fails (readers.json beside the evaluated DINO model).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ import torch
 
 from dreambooth_pl.runs.files import ProcessLock, atomic_file
 from dreambooth_pl.util.images import is_readable_image, save_atomically
-from dreambooth_pl.models.pipelines import loaded_pipeline, model_fingerprint
+from dreambooth_pl.models.hub import model_fingerprint
+from dreambooth_pl.models.pipelines import loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from dreambooth_pl.generate import generate
 from dreambooth_pl.text.identifier import resolve_identifier
 from dreambooth_pl.runs.loggers import close_loggers, wandb_location
 from dreambooth_pl.training.methods import FineTuneMethod, TextualInversion
-from dreambooth_pl.models.pipelines import load_tokenizer, require_reachable
+from dreambooth_pl.models.hub import require_reachable
+from dreambooth_pl.models.pipelines import load_tokenizer
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
 

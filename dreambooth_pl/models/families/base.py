@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
+from dreambooth_pl.models.hub import check_pretrained, from_pretrained_or_explain
 from dreambooth_pl.runs.export import TEXTUAL_INVERSION_WEIGHTS
 from dreambooth_pl.training.losses import NoisePrediction
 
@@ -108,8 +109,6 @@ class ModelFamily:
     ) -> Components:
         """`vae`: a separate VAE (hub id or folder) instead of the model's own; `denoiser_kwargs`: extra
         from_pretrained arguments of the denoiser (a quantization config)."""
-        from dreambooth_pl.models.pipelines import check_pretrained, from_pretrained_or_explain
-
         check_pretrained(pretrained)
         weights = {"revision": revision, "variant": variant}
         return Components(
