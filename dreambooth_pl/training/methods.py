@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dreambooth_pl.runs.export import (
     LORA_KOHYA_WEIGHTS,
@@ -140,39 +140,38 @@ class LoRA(FineTuneMethod):
         for name in self.text_encoders_trained(module):
             inject_adapter_in_model(self._config(self.text_encoder_target_modules), module.text_encoders[name])
 
-    def lora_state(self, family, model) -> dict[str, torch.Tensor]:
-        """The adapters with alpha / rank folded into every up projection (peft's `lora_B`, whatever the
-        target), named as the family's loader reads them: loaders that find no alpha in the file (every
-        diffusers version, without adapter metadata) assume alpha = rank, scale 1."""
+    def lora_state(self, model) -> dict[str, torch.Tensor]:
+        """The adapters under peft's names with alpha / rank folded into every up projection (`lora_B`,
+        whatever the target): loaders that find no alpha in the file (every diffusers version, without
+        adapter metadata) assume alpha = rank, scale 1."""
         from peft.utils import get_peft_model_state_dict
 
         state = transformers4_names(model, get_peft_model_state_dict(model, state_dict=model.state_dict()))
         scale = self.alpha / self.rank
-        folded = {
+        return {
             k: (v.detach().float().cpu() * (scale if ".lora_B." in k else 1.0)).contiguous() for k, v in state.items()
         }
-        return family.lora_file_keys(folded)
 
-    def write_lora_files(self, staging: Path, module, text_layers: dict) -> None:
-        """The family's LoRA file and, with `export_kohya`, the same adapters converted as diffusers' SDXL
-        scripts convert them (`--output_kohya_format`) for Automatic1111, ComfyUI and kohya's tools: alpha is
-        written as the rank, since alpha / rank is already folded into the up weights."""
-        module.family.save_lora_weights(staging, self.lora_state(module.family, module.denoiser), text_layers)
+    def write_lora_files(self, staging: Path, family, layers: dict[str, dict[str, torch.Tensor]]) -> None:
+        """`layers`: pipeline name -> adapters. The family's LoRA file (its loader's names) and, with
+        `export_kohya`, the same adapters through diffusers' `convert_state_dict_to_kohya` (what the SDXL
+        scripts' `--output_kohya_format` writes for Automatic1111, ComfyUI and kohya's tools), converted from
+        peft's names: alpha is written as the rank, alpha / rank being folded into the up weights already."""
+        named = {name: family.lora_file_keys(state) for name, state in layers.items()}
+        family.save_lora_weights(staging, named.pop(family.denoiser_name), named)
         if self.export_kohya:
-            from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+            from diffusers.utils import convert_state_dict_to_kohya
 
-            peft = convert_all_state_dict_to_peft(load_file(staging / LORA_WEIGHTS))
+            peft = {f"{name}.{key}": value for name, state in layers.items() for key, value in state.items()}
             save_file(convert_state_dict_to_kohya(peft), staging / LORA_KOHYA_WEIGHTS)
 
     def export(self, module, output_dir: Path, run_info: dict, dtype: str | None = None) -> Path:
         """The adapters in fp32 (as the diffusers scripts save them); `dtype` is the merged pipeline's."""
-        text_layers = {
-            name: self.lora_state(module.family, module.text_encoders[name])
-            for name in self.text_encoders_trained(module)
-        }
+        trained = [module.denoiser_name, *self.text_encoders_trained(module)]
+        layers = {name: self.lora_state(getattr(module, name)) for name in trained}
         target = write_dir_atomically(
             output_dir / self.export_dirname,
-            lambda staging: self.write_lora_files(staging, module, text_layers),
+            lambda staging: self.write_lora_files(staging, module.family, layers),
             with_base_vae(run_info, module),
         )
         if self.export_merged:
