@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from dreambooth_pl.models.families import Components
-from dreambooth_pl.models.pipelines import load_components, load_pipeline, stored_dtype
+from dreambooth_pl.models.pipelines import inference_dtype, load_components, load_pipeline, stored_dtype
 from dreambooth_pl.runs.export import LORA_KOHYA_WEIGHTS, LORA_WEIGHTS
 from dreambooth_pl.training.job import family_problems
 from dreambooth_pl.training.losses import FlowMatching
@@ -221,16 +221,21 @@ def test_lora_files_use_the_usual_names_and_a_kohya_file_loads_by_key_name(tmp_p
     assert (text_output(load_components(result["base"])) - text_output(fresh)).abs().max() > 1e-3  # it trained
 
 
-def test_kohya_files_and_fsdp_are_refused_where_not_handled(tmp_path):
-    def problems(overrides):
-        return " ".join(family_problems(compose_train([*FAST, *overrides], tmp_path, tmp_path)))
+def refusals(tmp_path: Path, overrides: list[str]) -> str:
+    return " ".join(family_problems(compose_train([*FAST, *overrides], tmp_path, tmp_path)))
 
+
+def test_kohya_files_are_refused_on_flow_families(tmp_path):
     for family in ("flux", "sd3"):
-        assert "export_kohya=true is offered for SD and SDXL" in problems(
-            [f"model={family}_tiny", "method=lora", "method.export_kohya=true"]
-        )
-        assert "trainer=fsdp is refused" in problems([f"model={family}_tiny", "trainer=fsdp"])
-    assert problems(["model=sdxl_tiny", "trainer=fsdp", "method=lora", "method.export_kohya=true"]) == ""
+        message = refusals(tmp_path, [f"model={family}_tiny", "method=lora", "method.export_kohya=true"])
+        assert "export_kohya=true is offered for SD and SDXL" in message
+    assert refusals(tmp_path, ["model=sdxl_tiny", "method=lora", "method.export_kohya=true"]) == ""
+
+
+def test_fsdp_is_refused_where_one_unit_would_gather_everything(tmp_path):
+    for family in ("flux", "sd3"):
+        assert "trainer=fsdp is refused" in refusals(tmp_path, [f"model={family}_tiny", "trainer=fsdp"])
+    assert refusals(tmp_path, ["model=sdxl_tiny", "trainer=fsdp"]) == ""
 
 
 # --------------------------------------------------------------------------- exports in the base's dtype
@@ -256,7 +261,6 @@ def part_dtypes(folder: Path) -> dict[str, set[torch.dtype]]:
 
 
 def test_exports_keep_a_bf16_base_in_bf16(bf16_base, tmp_path):
-    assert stored_dtype(bf16_base) == "bfloat16"
     module = DreamBoothModule(bf16_base, optimizer=torch.optim.AdamW)
     with torch.no_grad():
         module.unet.conv_in.weight.add_(0.25)  # what a training step would have learned
@@ -266,6 +270,7 @@ def test_exports_keep_a_bf16_base_in_bf16(bf16_base, tmp_path):
     base = load_file(Path(bf16_base) / "unet" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(exported["conv_in.weight"], module.unet.conv_in.weight.to(torch.bfloat16))
     assert all(torch.equal(exported[k], base[k]) for k in base if k != "conv_in.weight")
+    assert stored_dtype(bf16_base) == "bfloat16"
     upcast = Path(module.method.export(module, tmp_path / "fp32", {}, dtype="float32"))
     assert part_dtypes(upcast)["unet"] == {torch.float32}  # export.dtype=float32 asks for it
 
@@ -285,6 +290,13 @@ def test_stored_dtype_reads_the_denoisers_weights_and_variant(tmp_path, tiny_pre
     save_file(half, folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     assert stored_dtype(str(folder)) == "float32"  # not the fp16 variant beside it
     assert stored_dtype(str(folder), variant="fp16") == "float16"
+
+
+def test_models_are_evaluated_in_their_stored_dtype_on_a_gpu(bf16_base):
+    """FLUX.1-dev (bf16) was rendered in fp32 by default: twice the memory and time on a GPU."""
+    assert inference_dtype(bf16_base, "cuda") == "bfloat16"
+    assert inference_dtype(bf16_base, "cuda", "float16") == "float16"  # eval.dtype where set
+    assert inference_dtype(bf16_base, "cpu") is None  # diffusers' fp32: CPUs compute bf16 slowly
 
 
 @needs_dataset

@@ -212,8 +212,7 @@ def load_pipeline(
             family_of_pipeline(type(pipe).__name__).load_textual_inversion(pipe, folder)
         return pipe
     check_pretrained(pretrained)
-    if dtype is None and torch.device(device).type == "cuda":
-        dtype = stored_dtype(pretrained, revision, variant)
+    dtype = inference_dtype(pretrained, device, dtype, revision, variant)
     extra = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
     if vae:
         extra["vae"] = from_pretrained_or_explain(AutoencoderKL, vae, None, **extra)
@@ -224,6 +223,15 @@ def load_pipeline(
         pretrained, revision=revision, variant=variant, **family.pipeline_kwargs, **extra
     )
     return pipe.to(device)
+
+
+def inference_dtype(
+    pretrained: str, device: str, dtype: str | None = None, revision: str | None = None, variant: str | None = None
+) -> str | None:
+    """`dtype` where given; else the model's stored dtype on a GPU, and diffusers' float32 (None) elsewhere."""
+    if dtype is None and torch.device(device).type == "cuda":
+        return stored_dtype(pretrained, revision, variant)
+    return dtype
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
