@@ -130,9 +130,10 @@ def test_dreambench_prompt_lists_and_classes():
         "a xyz stuffed animal in the snow",
         "a xyz stuffed animal on the beach",
     ]
-    # the class-noun ablation: the list follows the real class, the text the noun the model was trained with
+    # the class-noun ablation: the list follows the real class, the prompt the noun the model was trained
+    # with, CLIP-T's text the real class
     kind, prompts = subject_prompts(PROMPTS_FILE, "dog", "sks", instance_class_noun="", num_prompts=1)
-    assert kind == "live" and (prompts[0].text, prompts[0].clip_text) == ("a sks in the jungle", "a in the jungle")
+    assert kind == "live" and (prompts[0].text, prompts[0].clip_text) == ("a sks in the jungle", "a dog in the jungle")
 
 
 def test_missing_prompts_file_names_the_option(tmp_path):
