@@ -5,6 +5,7 @@ FLUX-dev's dynamic shifting do."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,16 @@ from dreambooth_pl.training.job import family_problems
 from dreambooth_pl.training.losses import FlowMatching
 from dreambooth_pl.training.methods import LoRA
 from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.util.config import resolve_path
 from tests.conftest import FAST, compose_train, needs_dataset
-from tests.test_flow import flux_reference_loss, flux_tiny, module_for, sd3_reference_loss, sd3_tiny, tiny_cfg  # noqa: F401 (fixtures)
+from tests.test_flow import (  # noqa: F401 (flux_tiny, sd3_tiny: fixtures)
+    flux_reference_loss,
+    flux_tiny,
+    module_for,
+    sd3_reference_loss,
+    sd3_tiny,
+    tiny_cfg,
+)
 from tests.test_methods import run, text_output, unet_output
 from tests.test_sdxl import mixed_batch
 
@@ -245,8 +254,6 @@ def test_fsdp_is_refused_where_one_unit_would_gather_everything(tmp_path):
 def bf16_base(tmp_path_factory, cache_dir) -> str:
     """The tiny model stored in bf16, as FLUX.1-dev is."""
     tiny = compose_train(FAST, cache_dir / "unused", cache_dir).model.pretrained
-    from dreambooth_pl.util.config import resolve_path
-
     pipe = load_pipeline(resolve_path(tiny), "cpu", "bfloat16")
     folder = tmp_path_factory.mktemp("bf16") / "base"
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -281,8 +288,6 @@ def test_exports_keep_a_bf16_base_in_bf16(bf16_base, tmp_path):
 
 
 def test_stored_dtype_reads_the_denoisers_weights_and_variant(tmp_path, tiny_pretrained):
-    import shutil
-
     folder = tmp_path / "model"
     shutil.copytree(tiny_pretrained, folder)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
