@@ -19,11 +19,11 @@ from transformers import PreTrainedModel
 from dreambooth_pl.models.families import Components
 from dreambooth_pl.models.pipelines import inference_dtype, load_components, load_pipeline, stored_dtype
 from dreambooth_pl.runs.export import LORA_KOHYA_WEIGHTS, LORA_WEIGHTS
-from dreambooth_pl.training.job import family_problems
+from dreambooth_pl.training.job import check_config, family_problems
 from dreambooth_pl.training.losses import FlowMatching
 from dreambooth_pl.training.methods import LoRA
 from dreambooth_pl.training.module import DreamBoothModule
-from dreambooth_pl.util.config import resolve_path
+from dreambooth_pl.util.config import ConfigError, resolve_path
 from tests.conftest import FAST, compose_train, needs_dataset
 from tests.test_flow import (  # noqa: F401 (flux_tiny, sd3_tiny: fixtures)
     flux_reference_loss,
@@ -308,6 +308,8 @@ def test_models_are_evaluated_in_their_stored_dtype_on_a_gpu(bf16_base):
 def test_export_dtype_option_end_to_end(tmp_path, cache_dir):
     result = run(tmp_path, cache_dir, ["export.dtype=bfloat16", "trainer.max_steps=1"])
     assert part_dtypes(Path(result["pipeline"]))["unet"] == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="export.dtype='fp8': use null"):
+        check_config(compose_train([*FAST, "export.dtype=fp8"], tmp_path, cache_dir))
 
 
 # --------------------------------------------------------------------------- CLIP-T text per class-noun condition
