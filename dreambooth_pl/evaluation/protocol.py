@@ -24,7 +24,7 @@ class EvalPrompt:
     index: int  # position in the published list: seeds and file names depend on it, not on the subset
     template: str  # with {identifier} and {class_noun}
     text: str  # what the model is prompted with
-    clip_text: str  # the same without the identifier, for CLIP-T: CLIP has never seen "sks"
+    clip_text: str  # for CLIP-T: without the identifier (CLIP has never seen "sks"), with the real class noun
 
 
 def _read(path: str | os.PathLike, option: str) -> list[str]:
@@ -83,11 +83,13 @@ def subject_prompts(
     """The prompt set ("live" or "object") for a subject and its prompts, filled as the model was trained.
 
     `class_noun` is the subject's real class and picks the list; `instance_class_noun` is the noun the
-    instance prompt used (differs in the class-noun ablation) and fills the prompts.
+    instance prompt used (differs in the class-noun ablation) and fills the prompts. CLIP-T's text always
+    names the real class: the image must show a teapot in the jungle whatever noun the model was taught.
     """
     kind = "live" if class_noun in live_classes else "object"
     noun = class_noun if instance_class_noun is None else instance_class_noun
     templates = read_prompt_lists(prompts_file)[kind][:num_prompts]
     return kind, [
-        EvalPrompt(i, t, fill_prompt(t, identifier, noun), fill_prompt(t, "", noun)) for i, t in enumerate(templates)
+        EvalPrompt(i, t, fill_prompt(t, identifier, noun), fill_prompt(t, "", class_noun))
+        for i, t in enumerate(templates)
     ]

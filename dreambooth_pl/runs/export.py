@@ -17,6 +17,7 @@ from dreambooth_pl.runs.files import DiskFull, disk_use, umask_mode
 
 RUN_INFO = "dreambooth.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # method.export_kohya: the SDXL scripts' name
 TEXTUAL_INVERSION_WEIGHTS = "learned_embeds.safetensors"
 # name parts of the hidden siblings `write_dir_atomically` makes: `.<target>-staging-*`, `.<target>-previous-*`
 STAGING, PREVIOUS = "staging", "previous"

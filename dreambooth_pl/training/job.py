@@ -39,6 +39,9 @@ warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint th
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def prior_active(prior: DictConfig) -> bool:
     """lambda = 0 is prior preservation off: no class images are generated for it."""
     return bool(prior.enabled) and prior.weight > 0
@@ -73,6 +76,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"prior.num_images={cfg.prior.num_images} must be >= 1 while prior preservation is on")
     if prior_active(cfg.prior) and not str(cfg.subject.class_noun or "").strip():
         problems.append("subject.class_noun is empty but prior preservation needs it (or set prior.enabled=false)")
+    if cfg.export.get("dtype") not in (None, *EXPORT_DTYPES):
+        problems.append(f"export.dtype={cfg.export.dtype!r}: use null (the base model's) or {', '.join(EXPORT_DTYPES)}")
     if cfg.eval.enabled and not cfg.export.enabled:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     problems += family_problems(cfg)
@@ -101,6 +106,11 @@ def family_problems(cfg: DictConfig) -> list[str]:
     family = get_family(cfg.model.family, **cfg.module.get("family_options", {}))
     if family.textual_inversion_refusal and issubclass(get_class(cfg.method._target_), TextualInversion):
         problems.append(family.textual_inversion_refusal)
+    if family.kohya_refusal and cfg.method.get("export_kohya"):
+        problems.append(family.kohya_refusal)
+    strategy = OmegaConf.select(cfg, "trainer.strategy._target_") or ""
+    if family.fsdp_refusal and strategy.endswith("FSDPStrategy"):
+        problems.append(family.fsdp_refusal)
     if not torch.cuda.is_available():
         if str(cfg.module.optimizer._target_).startswith("bitsandbytes."):
             problems.append(
@@ -278,7 +288,7 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
             "method": method.name,
             "steps": trainer.global_step,
         }
-        result["pipeline"] = str(method.export(module, output_dir, run_info))
+        result["pipeline"] = str(method.export(module, output_dir, run_info, cfg.export.dtype))
         log.info("Exported the fine-tuned model (%s) to %s", method.name, result["pipeline"])
         if cfg.export.samples.prompts:
             result["samples"] = str(

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dreambooth_pl.runs.export import save_pipeline_atomically, write_dir_atomically
+from dreambooth_pl.runs.export import (
+    LORA_KOHYA_WEIGHTS,
+    LORA_WEIGHTS,
+    save_pipeline_atomically,
+    write_dir_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +55,40 @@ class FineTuneMethod:
     def after_optimizer_step(self, module) -> None:
         """Hook for methods that constrain their parameters after each update."""
 
-    def export(self, module, output_dir: Path, run_info: dict) -> Path:
-        """The base model as published (its frozen weights in their own dtype, its inference scheduler)
-        with the learned weights copied in: under half-precision training the module holds rounded
-        copies of the frozen parts and a training (DDPM) scheduler, neither of which belongs in an export."""
-        from dreambooth_pl.models.pipelines import load_pipeline
-
-        base = module.hparams
-        pipe = load_pipeline(base.pretrained, "cpu", revision=base.revision, variant=base.variant, vae=base.vae)
+    def export(self, module, output_dir: Path, run_info: dict, dtype: str | None = None) -> Path:
+        """The base model as published (its frozen weights, its inference scheduler) with the learned weights
+        copied in, in `dtype` (export.dtype; None: the base's stored dtype, so a bf16 base is not doubled):
+        under half-precision training the module holds rounded copies of the frozen parts and a training
+        (DDPM) scheduler, neither of which belongs in an export."""
+        pipe = base_pipeline(module, dtype)
         for name in [module.denoiser_name, *self.text_encoders_trained(module)]:
             getattr(pipe, name).load_state_dict(getattr(module, name).state_dict())
         return save_pipeline_atomically(pipe, output_dir / self.export_dirname, run_info)
+
+
+def base_pipeline(module, dtype: str | None = None):
+    """The module's base model on the CPU, in `dtype` or else its stored one."""
+    from dreambooth_pl.models.pipelines import load_pipeline, stored_dtype
+
+    base = module.hparams
+    dtype = dtype or stored_dtype(base.pretrained, base.revision, base.variant)
+    return load_pipeline(base.pretrained, "cpu", dtype, base.revision, base.variant, base.vae)
 
 
 def with_base_vae(run_info: dict, module) -> dict:
     """Adapter and embedding exports load on top of the base model: they name its separate VAE, if any."""
     vae = module.hparams.get("vae")
     return {**run_info, "base_vae": vae} if vae else run_info
+
+
+def transformers4_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 dropped CLIPTextModel's `text_model.` level: LoRA files keep the names transformers 4
+    gave, which ComfyUI, kohya's tools and transformers 4 models look up (diffusers reads either)."""
+    from transformers import CLIPTextModel
+
+    if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
+        return {f"text_model.{key}": value for key, value in state.items()}
+    return state
 
 
 class LoRA(FineTuneMethod):
@@ -80,20 +102,22 @@ class LoRA(FineTuneMethod):
         self,
         name: str = "lora",
         rank: int = 4,
-        alpha: float = 4.0,
+        alpha: float | None = None,
         dropout: float = 0.0,
         target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
         train_text_encoder: bool = False,
         text_encoder_target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "out_proj"),
         export_merged: bool = False,
+        export_kohya: bool = False,
     ):
         super().__init__(name, train_text_encoder)
         self.rank = rank
-        self.alpha = alpha
+        self.alpha = rank if alpha is None else alpha  # the diffusers scripts' alpha = rank (scale 1)
         self.dropout = dropout
         self.target_modules = list(target_modules)
         self.text_encoder_target_modules = list(text_encoder_target_modules)
         self.export_merged = export_merged
+        self.export_kohya = export_kohya
 
     def _config(self, targets: list[str]):
         from peft import LoraConfig
@@ -107,6 +131,8 @@ class LoRA(FineTuneMethod):
         )
 
     def attach(self, module) -> None:
+        if self.export_kohya and module.family.kohya_refusal:
+            raise ValueError(module.family.kohya_refusal)
         module.denoiser.add_adapter(self._config(self.target_modules))
         # peft directly: transformers' own adapter integration may want a newer peft than is installed.
         from peft import inject_adapter_in_model
@@ -114,35 +140,43 @@ class LoRA(FineTuneMethod):
         for name in self.text_encoders_trained(module):
             inject_adapter_in_model(self._config(self.text_encoder_target_modules), module.text_encoders[name])
 
-    def lora_state(self, family, model) -> dict[str, torch.Tensor]:
-        """The adapters with alpha / rank folded into every up projection (peft's `lora_B`, whatever the
-        target), named as the family's loader reads them: loaders that find no alpha in the file (every
-        diffusers version, without adapter metadata) assume alpha = rank, scale 1."""
+    def lora_state(self, model) -> dict[str, torch.Tensor]:
+        """The adapters under peft's names with alpha / rank folded into every up projection (`lora_B`,
+        whatever the target): loaders that find no alpha in the file (every diffusers version, without
+        adapter metadata) assume alpha = rank, scale 1."""
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(model, state_dict=model.state_dict())
+        state = transformers4_names(model, get_peft_model_state_dict(model, state_dict=model.state_dict()))
         scale = self.alpha / self.rank
-        folded = {
+        return {
             k: (v.detach().float().cpu() * (scale if ".lora_B." in k else 1.0)).contiguous() for k, v in state.items()
         }
-        return family.lora_file_keys(folded)
 
-    def export(self, module, output_dir: Path, run_info: dict) -> Path:
-        text_layers = {
-            name: self.lora_state(module.family, module.text_encoders[name])
-            for name in self.text_encoders_trained(module)
-        }
+    def write_lora_files(self, staging: Path, family, layers: dict[str, dict[str, torch.Tensor]]) -> None:
+        """`layers`: pipeline name -> adapters. The family's LoRA file (its loader's names) and, with
+        `export_kohya`, the same adapters through diffusers' `convert_state_dict_to_kohya` (what the SDXL
+        scripts' `--output_kohya_format` writes for Automatic1111, ComfyUI and kohya's tools), converted from
+        peft's names: alpha is written as the rank, alpha / rank being folded into the up weights already."""
+        named = {name: family.lora_file_keys(state) for name, state in layers.items()}
+        family.save_lora_weights(staging, named.pop(family.denoiser_name), named)
+        if self.export_kohya:
+            from diffusers.utils import convert_state_dict_to_kohya
+
+            peft = {f"{name}.{key}": value for name, state in layers.items() for key, value in state.items()}
+            save_file(convert_state_dict_to_kohya(peft), staging / LORA_KOHYA_WEIGHTS)
+
+    def export(self, module, output_dir: Path, run_info: dict, dtype: str | None = None) -> Path:
+        """The adapters in fp32 (as the diffusers scripts save them); `dtype` is the merged pipeline's."""
+        trained = [module.denoiser_name, *self.text_encoders_trained(module)]
+        layers = {name: self.lora_state(getattr(module, name)) for name in trained}
         target = write_dir_atomically(
             output_dir / self.export_dirname,
-            lambda staging: module.family.save_lora_weights(
-                staging, self.lora_state(module.family, module.denoiser), text_layers
-            ),
+            lambda staging: self.write_lora_files(staging, module.family, layers),
             with_base_vae(run_info, module),
         )
         if self.export_merged:
-            from dreambooth_pl.models.pipelines import load_pipeline
-
-            merged = load_pipeline(str(target), device="cpu")
+            merged = base_pipeline(module, dtype)
+            merged.load_lora_weights(str(target), weight_name=LORA_WEIGHTS)
             merged.fuse_lora()
             merged.unload_lora_weights()
             save_pipeline_atomically(merged, output_dir / "pipeline", run_info)
@@ -202,7 +236,8 @@ class TextualInversion(FineTuneMethod):
             with torch.no_grad():
                 embeddings[keep] = self.original_embeddings[name].to(embeddings)[keep]
 
-    def export(self, module, output_dir: Path, run_info: dict) -> Path:
+    def export(self, module, output_dir: Path, run_info: dict, dtype: str | None = None) -> Path:
+        """The learned vectors in fp32, whatever `dtype` (they are loaded into the pipeline's own)."""
         vectors = {
             name: encoder.get_input_embeddings().weight[self.token_ids[name]].detach().float().cpu().clone()
             for name, encoder in module.text_encoders.items()

@@ -41,6 +41,16 @@ def quantized_denoiser(quantize_base: str | None) -> dict | None:
     return {"quantization_config": config, "torch_dtype": torch.bfloat16}
 
 
+def enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: transformers 4's default (reentrant) gives adapters inside a frozen
+    encoder no gradient ("None of the inputs have requires_grad=True"), so its LoRA would never move."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class DreamBoothModule(L.LightningModule):
     def __init__(
         self,
@@ -121,9 +131,8 @@ class DreamBoothModule(L.LightningModule):
             self.denoiser.compile()  # in place: parameter names, checkpoints and export are unchanged
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-            for encoder in self.text_encoders.values():
-                if any(p.requires_grad for p in encoder.parameters()):
-                    encoder.gradient_checkpointing_enable()
+            for name in self.learning_text_encoders:
+                enable_text_encoder_checkpointing(self.text_encoders[name])
         # Only what learns goes into checkpoints (the rest comes from `pretrained`), so load non-strictly.
         self.strict_loading = False
         # Training noise, timesteps and latent samples come from this generator alone; its state travels
@@ -141,8 +150,13 @@ class DreamBoothModule(L.LightningModule):
         return {name: getattr(self, name) for name in self.text_encoder_names}
 
     @property
+    def learning_text_encoders(self) -> list[str]:
+        """The text encoders with trainable parameters (FLUX's and SD3's T5 never has any)."""
+        return [n for n, e in self.text_encoders.items() if any(p.requires_grad for p in e.parameters())]
+
+    @property
     def text_encoder_learns(self) -> bool:
-        return any(p.requires_grad for encoder in self.text_encoders.values() for p in encoder.parameters())
+        return bool(self.learning_text_encoders)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -202,8 +216,10 @@ class DreamBoothModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()
-        for encoder in self.text_encoders.values():
-            encoder.train(mode and self.text_encoder_learns)
+        learning = self.learning_text_encoders
+        for name, encoder in self.text_encoders.items():
+            # a frozen encoder stays in eval mode: T5's dropout (0.1) would noise the conditioning in training
+            encoder.train(mode and name in learning)
         return self
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:

@@ -75,6 +75,10 @@ class ModelFamily:
     trainable_text_encoder_names: ClassVar[list[str] | None] = None  # None: all
     # why Textual Inversion is not offered on this family, if it is not
     textual_inversion_refusal: ClassVar[str | None] = None
+    # why a kohya-format LoRA file (method.export_kohya) is not offered on this family, if it is not
+    kohya_refusal: ClassVar[str | None] = None
+    # why trainer=fsdp is refused on this family, if it is (conf/trainer/fsdp.yaml wraps the module as one unit)
+    fsdp_refusal: ClassVar[str | None] = None
     # extra keyword arguments for the pipeline's constructor and from_pretrained (e.g. no safety checker)
     pipeline_kwargs: ClassVar[dict[str, Any]] = {}
 

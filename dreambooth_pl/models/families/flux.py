@@ -23,6 +23,19 @@ NO_TEXTUAL_INVERSION = (
     "advanced FLUX script's pivotal tuning, not done here. Use method=lora or method=dreambooth."
 )
 
+NO_KOHYA = (
+    "method.export_kohya=true is offered for SD and SDXL, whose UNet names diffusers' kohya converter maps "
+    "(the SDXL scripts' --output_kohya_format); {family}'s transformer names are not mapped by it. Its "
+    "pytorch_lora_weights.safetensors loads in diffusers and ComfyUI as written: unset the option."
+)
+
+NO_FSDP = (
+    "trainer=fsdp is refused for {family}: it wraps the whole module as one FSDP unit (fp32), which gathers "
+    "the whole transformer and T5 on every GPU at every step, so it saves nothing where these models need "
+    "it, and no per-block wrap is implemented for their blocks. Use trainer=gpu with method=lora "
+    "(module.gradient_checkpointing, module.quantize_base=nf4, 8-bit AdamW: docs/methods.md), or trainer=ddp."
+)
+
 
 def t5_hidden_states(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
     """T5's last hidden states for prompts padded to `max_sequence_length`, as the pipelines encode them."""
@@ -51,6 +64,14 @@ class FlowMatchingFamily(ModelFamily):
     @property
     def textual_inversion_refusal(self) -> str:
         return NO_TEXTUAL_INVERSION.format(family=type(self).__name__)
+
+    @property
+    def kohya_refusal(self) -> str:
+        return NO_KOHYA.format(family=type(self).__name__)
+
+    @property
+    def fsdp_refusal(self) -> str:
+        return NO_FSDP.format(family=type(self).__name__)
 
     def objective(self, noise_scheduler, snr_gamma: float | None = None, **options):
         if snr_gamma is not None:
