@@ -20,14 +20,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from dreambooth_pl.util.config import ConfigError, exit_on_config_error, non_finite
+from dreambooth_pl.util.config import ConfigError, non_finite
 from dreambooth_pl.evaluation.protocol import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.runs.export import read_run_info
 from dreambooth_pl.runs.files import ProcessLock, atomic_file
@@ -551,11 +550,3 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
         close_loggers(loggers, succeeded)
     return result
 
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    exit_on_config_error(lambda: evaluate_from_config(cfg))
-
-
-if __name__ == "__main__":
-    main()
