@@ -110,17 +110,18 @@ def _frame(draw: ImageDraw.ImageDraw, axes: _Axes, font: ImageFont.ImageFont) ->
         draw.text((x - 14, axes.bottom + 6), f"{axes.x[0] + f * (axes.x[1] - axes.x[0]):.3f}", fill="black", font=font)
         draw.text((axes.left - 44, y - 6), f"{axes.y[0] + f * (axes.y[1] - axes.y[0]):.3f}", fill="black", font=font)
     draw.rectangle([axes.left, axes.top, axes.right, axes.bottom], outline="black")
-    draw.text((axes.left, axes.bottom + 26), "DINO (subject fidelity) →", fill="black", font=font)
-    draw.text((axes.left - 44, axes.top - 30), "↑ CLIP-T (prompt fidelity)", fill="black", font=font)
-    title = "Validation during training: one line per run, □ step 0 (base model), ● the selected step"
-    draw.text((axes.left, 8), title, fill="black", font=font)
+    draw.text((axes.left, axes.bottom + 26), "DINO (subject fidelity), higher to the right", fill="black", font=font)
+    draw.text((axes.left - 44, axes.top - 20), "CLIP-T (prompt fidelity), higher up", fill="black", font=font)
+    title = "Validation during training: a line per run; square: step 0 (the base model); ringed: the selected step"
+    draw.text((axes.left - 44, 6), title, fill="black", font=font)
 
 
 def _legend(draw: ImageDraw.ImageDraw, colours: dict[str, str], left: int, top: int, font) -> None:
     for k, (row, colour) in enumerate(colours.items()):
         y = top + k * 18
         draw.rectangle([left, y + 2, left + 12, y + 12], fill=colour)
-        draw.text((left + 18, y), row if len(row) <= 48 else row[:47] + "…", fill="black", font=font)
+        text = row.replace("λ", "lambda")  # the default font has no Greek
+        draw.text((left + 18, y), text if len(text) <= 48 else text[:45] + "...", fill="black", font=font)
 
 
 def _plotted(point: dict) -> bool:
@@ -134,7 +135,7 @@ def tradeoff_figure(curves: list[Curve], size: tuple[int, int] = (1000, 640)) ->
         return None
     points = [p for c in drawn for p in c.points.values() if _plotted(p)]
     spans = _span([p["dino"] for p in points]), _span([p["clip_t"] for p in points])
-    axes = _Axes(70, 40, size[0] - 330, size[1] - 60, *spans)
+    axes = _Axes(70, 50, size[0] - 330, size[1] - 60, *spans)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -150,6 +151,8 @@ def tradeoff_figure(curves: list[Curve], size: tuple[int, int] = (1000, 640)) ->
                 draw.rectangle([x - 5, y - 5, x + 5, y + 5], outline=colour, width=2)
             else:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        x, y = xy[max(xy)]  # the subject's name at its last step
+        draw.text((x + 7, y - 14), curve.run["subject"], fill=colour, font=font)
         chosen = curve.selected and xy.get(curve.selected["step"])
         if chosen:
             x, y = chosen
