@@ -17,7 +17,7 @@ def sweep_gaps(sweep_dir: Path, runs: list[dict]) -> list[str]:
     if not (sweep_dir / "multirun.yaml").is_file():
         return []
     hydra = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra, resolve=False)
-    trained = sorted({r["subject"] for r in runs if r["method"] != BASE})
+    trained = sorted({r["subject"] for r in runs if not r["control"]})
     gaps = _job_gaps(sweep_dir, runs, hydra)
     reports = [c for c in (hydra.get("callbacks") or {}).values() if "SweepReport" in str(c.get("_target_"))]
     if any(c.get("base_model") for c in reports):

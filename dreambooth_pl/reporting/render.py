@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dreambooth_pl.reporting.controls import ControlRow, ReaderNote
-from dreambooth_pl.reporting.tables import LABELS, TABLES, TRAINING, grouped, run_label, summarize
+from dreambooth_pl.reporting.tables import LABELS, TABLES, TRAINING, grouped, run_label, summarize, trained_first
 
 KEY_COLUMNS = ["source", "row", "method", "model", "prior_weight", "class_noun_condition", "subjects", "runs"]
 
@@ -149,8 +149,7 @@ def write_csv(rows: list[dict], columns: list[str], path: Path) -> Path:
 
 def console_summary(runs: list[dict], controls: dict[str, ControlRow]) -> str:
     """Every row (trained rows, then controls) by every metric: means over subjects, for the console."""
-    groups = grouped(runs, (*TRAINING, "class_noun_condition"))
-    groups.sort(key=lambda item: item[1][0]["control"])
+    groups = trained_first(grouped(runs, (*TRAINING, "class_noun_condition")))
     rows = [(run_label(group[0], controls, short=True), summarize(group, LABELS)) for _, group in groups]
     width = max(len(label) for label, _ in rows)
     header = f"{'row':<{width}}  subjects  runs" + "".join(f"  {LABELS[m]:>6}" for m in LABELS)

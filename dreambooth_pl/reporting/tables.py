@@ -117,6 +117,11 @@ def grouped(runs: list[dict], keys: Sequence[str]) -> list[tuple[tuple, list[dic
     return sorted(groups.items(), key=order)
 
 
+def trained_first(groups: list[tuple[tuple, list[dict]]]) -> list[tuple[tuple, list[dict]]]:
+    """Groups of trained runs, then the control rows; each part in its order."""
+    return sorted(groups, key=lambda item: item[1][0]["control"])
+
+
 def _paper_rows(table: str) -> list[dict]:
     spec = TABLES[table]
     rows = []
@@ -134,12 +139,12 @@ def build_tables(runs: list[dict], controls: dict[str, ControlRow]) -> dict[str,
     real = [{**r, "dino": r.get("real_dino"), "clip_i": r.get("real_clip_i")} for r in runs]
     table1 = [{"source": "ours", "row": "Real Images", **summarize(real, ("dino", "clip_i")), "clip_t_mean": None}]
     tables = {"table1": table1, "table3": [], "table4": []}
-    for (method, model, weight), group in grouped(correct, TRAINING):
+    for (method, model, weight), group in trained_first(grouped(correct, TRAINING)):
         fields = {"source": "ours", "row": row_label(method, model, weight, controls), "method": method}
         fields |= {"model": model, "prior_weight": weight}
         table1.append({**fields, **summarize(group, TABLES["table1"]["metrics"])})
         tables["table3"].append({**fields, **summarize(group, TABLES["table3"]["metrics"])})
-    for (*training, condition), group in grouped(runs, (*TRAINING, "class_noun_condition")):
+    for (*training, condition), group in trained_first(grouped(runs, (*TRAINING, "class_noun_condition"))):
         fields = dict(zip(TRAINING, training)) | {"class_noun_condition": condition}
         row = {"source": "ours", "row": run_label(group[0], controls), **fields}
         tables["table4"].append({**row, **summarize(group, TABLES["table4"]["metrics"])})
