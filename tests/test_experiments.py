@@ -135,6 +135,11 @@ def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
     assert "Base model (toy, no fine-tuning; control)" in table1 and "DreamBooth (toy, PPL λ=1)" in table1
     text = (report / "report.md").read_text()
     assert "| *paper* | DreamBooth (Imagen) w/ PPL |" in text and "![language drift](language_drift.png)" in text
+    controls = "Base model, Base model + attribute words, Renderer ground truth, Renderer look-alike"
+    assert f"6 trained runs and 4 control evaluations ({controls}) of 1 subject, from" in text
+    assert "## Table 3" in text and "## Table 4" in text and "left out" not in text  # both axes are swept
+    assert "No intervals: each pair of rows shares one subject" in text  # one subject: no 47 "n/a" rows
+    assert "- DINO stand-in (DINO, PRES) is partly validated: it passes 1 of its 4 tests of 200 pairs" in text
     drift = Image.open(report / "language_drift.png")
     assert drift.width == 2 * 64  # eval.pres.num_images=2 images of 64 px per row: base, lambda 0, lambda 1
 
