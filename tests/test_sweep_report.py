@@ -76,9 +76,17 @@ def test_control_rows_are_counted_apart_labelled_and_compared_by_their_rank(tmp_
     assert float(row["mean"]) == pytest.approx(0.4)
     assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((0.4 - half, 0.4 + half), abs=1e-5)
     assert f"| table1 | {db} − {base} | DINO | 2 | +0.400 | [-0.871, +1.671] |" in text
-    # without the world its rows are still read, as the runs they seem to be
+    # without the world its rows are still read, as the runs they seem to be; a row whose evaluation
+    # says it is a control stays one, named by its method
     plain = write_report([sweep], tmp_path / "plain")["report"].read_text()
     assert "6 trained runs and 2 control evaluations (Base model) of 2 subjects" in plain
+    control(sweep, "mirror", "s1", 0.4)
+    record = sweep / "mirror-s1" / "eval" / "metrics.json"
+    marked = json.loads(record.read_text())
+    record.write_text(json.dumps({**marked, "metadata": {**marked["metadata"], "control": True}}))
+    plain = write_report([sweep], tmp_path / "plain")["report"].read_text()
+    assert "6 trained runs and 3 control evaluations (Base model, mirror) of 2 subjects" in plain
+    assert "| ours | mirror (sd15; control) | 1 | 1 | 0.400 |" in plain
 
 
 def test_one_subject_gets_one_line_instead_of_intervals(tmp_path):

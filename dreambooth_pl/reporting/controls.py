@@ -77,9 +77,12 @@ def configured_worlds() -> list[World]:
     return list(instantiate(worlds).values())
 
 
-def control_rows(worlds: Iterable[World]) -> dict[str, ControlRow]:
-    """Every known control row by method, the base model's first."""
-    return {row.method: row for row in (BASE_ROW, *(row for world in worlds for row in world.controls))}
+def control_rows(worlds: Iterable[World], runs: Iterable[dict] = ()) -> dict[str, ControlRow]:
+    """Every known control row by method, the base model's first; a row the runs' evaluations mark as a
+    control but no world names (its world not configured here) is labelled by its method."""
+    rows = {row.method: row for row in (BASE_ROW, *(row for world in worlds for row in world.controls))}
+    unnamed = dict.fromkeys(r["method"] for r in runs if r["control"] and r["method"] not in rows)
+    return rows | {method: ControlRow(method, method, "{model}") for method in unnamed}
 
 
 def mark_controls(runs: list[dict], rows: dict[str, ControlRow]) -> list[dict]:

@@ -53,7 +53,7 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path, worlds: Se
         )
     if not runs:
         raise FileNotFoundError("No readable eval/metrics.json: " + "; ".join(damaged))
-    controls = control_rows(worlds)
+    controls = control_rows(worlds, runs)
     curves, damaged_curves = load_curves([r for r in runs if not r["control"]], lambda r: run_label(r, controls))
     gaps = damaged + damaged_curves + [line for path in folders for line in sweep_gaps(path, runs)]
     out = Path(output_dir)

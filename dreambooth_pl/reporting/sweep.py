@@ -34,7 +34,7 @@ class SweepReport(Callback):
             self.evaluate_controls(config, sweep_dir, [r for r in runs if not r["control"]])
             written = write_report([sweep_dir], sweep_dir / "report", self.worlds)
             runs, _ = read_runs([sweep_dir], self.worlds)
-        print(f"[report] {console_summary(runs, control_rows(self.worlds))}")
+        print(f"[report] {console_summary(runs, control_rows(self.worlds, runs))}")
         print(f"[report] {written['report']}")
 
     def evaluate_controls(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
