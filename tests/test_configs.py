@@ -55,7 +55,7 @@ def test_ablation_sweeps(tmp_path):
     assert ppl.eval.enabled and ppl.eval.clip.model.endswith("toyworld/clip") and ppl.sweep_name == "ablation_ppl"
     assert not compose_train([], tmp_path, tmp_path).eval.enabled
     reports = {hydra_ppl.callbacks.report._target_, hydra_cn.callbacks.report._target_}
-    assert reports == {"dreambooth_pl.reporting.report.SweepReport"}
+    assert reports == {"dreambooth_pl.reporting.sweep.SweepReport"}
 
     nouns = {
         v: compose_train([f"class_noun={v}", "subject=teapot"], tmp_path, tmp_path).prompts.instance_class_noun

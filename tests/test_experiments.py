@@ -24,7 +24,7 @@ def sweep_params(experiment: str) -> dict:
         cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.eval.enabled and cfg.eval.images_per_prompt == 4
     # the sweep folder and W&B group are named after it, and it ends with its report
-    assert cfg.sweep_name == experiment and cfg.hydra.callbacks.report._target_ == "dreambooth_pl.reporting.report.SweepReport"
+    assert cfg.sweep_name == experiment and cfg.hydra.callbacks.report._target_ == "dreambooth_pl.reporting.sweep.SweepReport"
     return {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
 
 
@@ -133,9 +133,14 @@ def test_toy_paper_sweep_reports_every_row_with_the_control_rows(tmp_path):
     assert (f"DreamBooth (toy, PPL λ=1) − {control}", "dino") in paired
     assert ("DreamBooth (toy, PPL λ=1) − DreamBooth (toy, no PPL)", "pres") in paired
     table1 = {r["row"] for r in csv.DictReader((report / "table1.csv").open()) if r["source"] == "ours"}
-    assert "Base model (toy, no fine-tuning)" in table1 and "DreamBooth (toy, PPL λ=1)" in table1
+    assert "Base model (toy, no fine-tuning; control)" in table1 and "DreamBooth (toy, PPL λ=1)" in table1
     text = (report / "report.md").read_text()
     assert "| *paper* | DreamBooth (Imagen) w/ PPL |" in text and "![language drift](language_drift.png)" in text
+    controls = "Base model, Base model + attribute words, Renderer ground truth, Renderer look-alike"
+    assert f"6 trained runs and 4 control evaluations ({controls}) of 1 subject, from" in text
+    assert "## Table 3" in text and "## Table 4" in text and "left out" not in text  # both axes are swept
+    assert "No intervals: each pair of rows shares one subject" in text  # one subject: no 47 "n/a" rows
+    assert "- DINO stand-in (DINO, PRES) is partly validated: it passes 1 of its 4 tests of 200 pairs" in text
     drift = Image.open(report / "language_drift.png")
     assert drift.width == 2 * 64  # eval.pres.num_images=2 images of 64 px per row: base, lambda 0, lambda 1
 
@@ -177,4 +182,7 @@ def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
     assert trained == sorted([*controls, ("dreambooth", "0.0"), ("dreambooth", "1.0")])
     assert (sweep / "report" / "language_drift.png").is_file()
     assert f"[report] {sweep / 'report' / 'report.md'}" in proc.stdout
+    # the console summary: every row (trained, then controls) by every metric
+    summary = proc.stdout.split("[report] 6 rows x 5 metrics (2 trained runs, 4 control evaluations; means")[1]
+    assert "DreamBooth (toy, no PPL)" in summary and "Renderer look-alike (control)" in summary
     assert (proc.stdout + proc.stderr).count("DIV IS NOT LPIPS") <= 1  # once per sweep, not per evaluation

@@ -132,7 +132,7 @@ def test_a_sweep_goes_on_after_a_failed_job_and_its_report_says_what_is_missing(
     command += ["eval.images_per_prompt=2", "eval.pres.num_images=2", "eval.sampler.num_inference_steps=2"]
     command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
     command += [f"hydra.sweep.dir={sweep}"]
-    command += ["+hydra.callbacks.report._target_=dreambooth_pl.reporting.report.SweepReport"]
+    command += ["+hydra.callbacks.report._target_=dreambooth_pl.reporting.sweep.SweepReport"]
     command += [f"+hydra.callbacks.report.base_model={tmp_path / 'no-such-model'}"]
     output = train_py(command, tmp_path, expect=1)
     failure = "job 0 (trainer.max_steps=0) failed: Invalid config: trainer.max_steps=0 must be >= 1"

@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 
 from dreambooth_pl.evaluation.evaluate import model_location
-from dreambooth_pl.reporting.report import build_tables, load_run, main, paired_comparisons, t_quantile, write_report
+from dreambooth_pl.reporting.controls import control_rows
+from dreambooth_pl.reporting.records import load_run
+from dreambooth_pl.reporting.report import main, write_report
+from dreambooth_pl.reporting.statistics import paired_comparisons, t_quantile
+from dreambooth_pl.reporting.tables import build_tables
+from dreambooth_pl.toyworld.controls import ToyWorld
 from tests.conftest import REPO, needs_dataset
 from tests.test_evaluate import evaluated_sweep
+
+
+BASE_ONLY = control_rows([])  # the report's own control row, no world's
 
 
 def write_run(root: Path, name: str, subject: str, dino: float, weight=1.0, condition="correct", **meta) -> Path:
@@ -73,7 +81,7 @@ def rows_by_label(rows: list[dict]) -> dict[str, dict]:
 
 
 def test_tables_average_per_subject_then_over_subjects(runs):
-    tables = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))])
+    tables = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))], BASE_ONLY)
     t1 = rows_by_label(tables["table1"])
     ours = t1[("ours", "DreamBooth (sd15, PPL λ=1)")]
     # teapot: (0.6 + 0.8) / 2 = 0.7, dog: 0.5 -> mean 0.6, standard error stdev(0.7, 0.5) / sqrt 2 = 0.1
@@ -108,15 +116,15 @@ def test_tables_average_per_subject_then_over_subjects(runs):
     assert (paper4["none"]["dino_mean"], paper4["wrong"]["clip_i_mean"]) == (0.303, 0.728)
 
     write_run(runs, "h", "teapot", 0.05, prior_weight=None, method="base")  # a control: prompted, never trained
-    t4 = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))])["table4"]
+    t4 = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))], BASE_ONLY)["table4"]
     labels = [r["row"] for r in t4 if r["source"] == "ours"]
-    assert "Base model (sd15, no fine-tuning)" in labels and "DreamBooth (sd15, PPL λ=1): No Class" in labels
+    assert "Base model (sd15, no fine-tuning; control)" in labels and "DreamBooth (sd15, PPL λ=1): No Class" in labels
 
 
 def test_unknown_prior_is_not_taken_for_no_prior(tmp_path):
     write_run(tmp_path, "x", "teapot", 0.5, prior_enabled=None, prior_weight=None)
     (row,) = [
-        r for r in build_tables([load_run(tmp_path / "x" / "eval" / "metrics.json")])["table1"] if r.get("method")
+        r for r in build_tables([load_run(tmp_path / "x" / "eval" / "metrics.json")], BASE_ONLY)["table1"] if r.get("method")
     ]
     assert row["row"] == "DreamBooth (sd15, prior unknown)"
 
@@ -157,7 +165,7 @@ def test_rows_are_compared_by_paired_differences_per_subject(tmp_path):
         write_run(tmp_path, f"{subject}-no-ppl", subject, without, weight=0.0)
         write_run(tmp_path, f"{subject}-base", subject, base, method="base", prior_weight=None, prior_enabled=None)
     write_run(tmp_path, "s1-none", "s1", 0.2, condition="none")  # one subject: a difference, no interval
-    rows = paired_comparisons([load_run(p) for p in sorted(tmp_path.rglob("eval/metrics.json"))])
+    rows = paired_comparisons([load_run(p) for p in sorted(tmp_path.rglob("eval/metrics.json"))], BASE_ONLY)
     found = {(r["table"], r["comparison"], r["metric"]): r for r in rows}
 
     # lambda 1 - lambda 0 per subject: 0.7 - 0.5, 0.5 - 0.3, 0.9 - 0.6 = 0.2, 0.2, 0.3
@@ -170,11 +178,11 @@ def test_rows_are_compared_by_paired_differences_per_subject(tmp_path):
     assert found[("table3", "DreamBooth (sd15, PPL λ=1) − DreamBooth (sd15, no PPL)", "clip_t")]["mean"] == 0
 
     # DreamBooth - base: 0.6, 0.3, 0.9; mean 0.6, sd 0.3 -> half-width 4.302653 * 0.3 / sqrt 3 = 0.7452
-    base = found[("table1", "DreamBooth (sd15, PPL λ=1) − Base model (sd15, no fine-tuning)", "dino")]
+    base = found[("table1", "DreamBooth (sd15, PPL λ=1) − Base model (sd15, no fine-tuning; control)", "dino")]
     expected = (0.6, 0.6 - 0.74524, 0.6 + 0.74524)
     assert (base["mean"], base["ci_low"], base["ci_high"]) == pytest.approx(expected, abs=1e-4)
     assert base["excludes_0"] is False
-    assert ("table1", "Base model (sd15, no fine-tuning) − DreamBooth (sd15, PPL λ=1)", "dino") not in found
+    assert ("table1", "Base model (sd15, no fine-tuning; control) − DreamBooth (sd15, PPL λ=1)", "dino") not in found
 
     none = found[("table4", "DreamBooth (sd15, PPL λ=1): Correct Class − No Class", "dino")]
     assert (none["subjects"], none["mean"], none["ci_low"], none["excludes_0"]) == (1, pytest.approx(0.5), None, None)
@@ -183,26 +191,42 @@ def test_rows_are_compared_by_paired_differences_per_subject(tmp_path):
     text = written["report"].read_text()
     ppl_row = "| table3 | DreamBooth (sd15, PPL λ=1) − DreamBooth (sd15, no PPL) | DINO | 3 | **+0.233** |"
     assert ppl_row + " [+0.090, +0.377] |" in text
-    assert "| table4 | DreamBooth (sd15, PPL λ=1): Correct Class − No Class | DINO | 1 | +0.500 | n/a |" in text
+    assert "Correct Class − No Class" not in text  # one subject: no interval, so only in paired.csv
+    assert "2 comparisons with only one shared subject have no interval (paired.csv)." in text  # DINO and CLIP-I
     assert len(list(csv.DictReader(written["paired"].open()))) == len(rows)
 
 
-def test_columns_whose_reader_failed_its_validation_are_marked(tmp_path):
-    """A readers table beside the runs' DINO model (the toy world's readers stage) marks failed columns."""
+def test_the_toy_worlds_readers_table_explains_each_reader_and_marks_its_columns(tmp_path):
+    """A readers table beside the runs' DINO model (the toy world's readers stage): one sentence per reader
+    with its figures, and the columns of a reader that failed a test marked; DIV by the runs' backend only."""
     world = tmp_path / "world"
+    dino, clip = "DINO stand-in (DINO, PRES)", "toy CLIP (CLIP-I)"
     rows = [
-        {"columns": ["dino", "pres"], "passes": False},
-        {"columns": ["clip_i"], "passes": True},
-        {"columns": ["div"], "passes": True, "div_backend": "dino"},
-        {"columns": ["div"], "passes": False, "div_backend": "vae"},  # another DIV backend than the runs'
-    ]
+        {"reader": dino, "columns": ["dino", "pres"], "case": "other pattern", "win_rate": 0.83, "passes": False},
+        {"reader": dino, "columns": ["dino", "pres"], "case": "other all three", "win_rate": 0.99, "passes": True},
+        {"reader": clip, "columns": ["clip_i"], "case": "other pattern", "win_rate": 0.96, "passes": True},
+        {"reader": "1 - cosine", "columns": ["div"], "case": "varied", "win_rate": 0.85, "passes": False, "div_backend": "dino"},
+        {"reader": "VAE", "columns": ["div"], "case": "varied", "win_rate": 1.0, "passes": True, "div_backend": "vae"},
+    ]  # fmt: skip
     (world / "readers").mkdir(parents=True)
-    (world / "readers" / "readers.json").write_text(json.dumps({"rows": rows}))
-    write_run(tmp_path / "runs", "a", "teapot", 0.5, dino_model=str(world / "dino"))
-    text = write_report([tmp_path / "runs"], tmp_path / "report")["report"].read_text()
-    div = "DIV (dino: NOT LPIPS, compare directions only)"
-    assert f"| PRES (reader NOT validated) | {div} | DINO (reader NOT validated) |" in text
-    assert "| CLIP-I |" in text and "NOT VALIDATED: PRES, DINO: their readers failed" in text
+    (world / "readers" / "readers.json").write_text(json.dumps({"pairs": 200, "rows": rows}))
+    for name, weight in (("a", 1.0), ("b", 0.0)):  # an ablation of the prior: Table 3 shows PRES and DIV
+        write_run(tmp_path / "runs", name, "teapot", 0.5, weight=weight, dino_model=str(world / "dino"))
+    text = write_report([tmp_path / "runs"], tmp_path / "report", [ToyWorld()])["report"].read_text()
+    div = "DIV (dino: NOT LPIPS, compare directions only) (reader NOT validated)"
+    assert f"| PRES (reader partly validated) | {div} | DINO (reader partly validated) |" in text
+    assert "| CLIP-I |" in text and "NOT VALIDATED" not in text
+    readers = text.split("## Readers\n\n")[1].split("\n\n")[0].splitlines()
+    table = world / "readers" / "readers.md"
+    assert readers == [
+        f"- {dino} is partly validated: it passes 1 of its 2 tests of 200 pairs, other all three (99% of pairs"
+        f" right), and fails other pattern (83%) (thresholds: {table}).",
+        f"- {clip} is validated: it passes 1 of its 1 tests of 200 pairs, other pattern (96% of pairs right)"
+        f" (thresholds: {table}).",
+        f"- 1 - cosine is NOT validated: it passes 0 of its 1 tests of 200 pairs and fails varied (85% of pairs"
+        f" right) (thresholds: {table}).",
+    ]
+    assert "## Readers" not in write_report([tmp_path / "runs"], tmp_path / "plain")["report"].read_text()
 
 
 def test_a_relative_dino_folder_is_recorded_so_the_report_finds_its_readers_from_anywhere(tmp_path, monkeypatch):
@@ -218,7 +242,7 @@ def test_a_relative_dino_folder_is_recorded_so_the_report_finds_its_readers_from
     )
     write_run(tmp_path / "runs", "a", "teapot", 0.5, dino_model=recorded)
     monkeypatch.chdir(tmp_path / "runs")
-    text = write_report([tmp_path / "runs"], tmp_path / "report")["report"].read_text()
+    text = write_report([tmp_path / "runs"], tmp_path / "report", [ToyWorld()])["report"].read_text()
     assert "| DINO (reader NOT validated) |" in text
 
 

@@ -1,0 +1,63 @@
+"""The sweep's report, a Hydra callback (conf/report/sweep.yaml): when the sweep ends, the control rows are
+evaluated on the swept subjects, the report is written into `<sweep dir>/report` and summed up on the console."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dreambooth_pl.reporting.controls import BASE_ROW, ControlJob, World, control_rows
+from dreambooth_pl.reporting.render import console_summary
+from dreambooth_pl.reporting.report import read_runs, write_report
+
+
+class SweepReport(Callback):
+    """The base model prompted with the runs' identifier is Table 1's reference row and the language-drift
+    grid's first row; each world in `worlds` adds its own control rows for the subjects it knows (the toy
+    world: the base model prompted with the subject's attribute words, the renderer's ground truth and its
+    look-alike). `base_model` None evaluates no control row."""
+
+    def __init__(self, base_model: str | dict | None = None, worlds: dict[str, World] | None = None) -> None:
+        self.base_model = base_model
+        self.worlds = list((worlds or {}).values())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs, _ = read_runs([sweep_dir], self.worlds)
+        if not runs:
+            print(f"[report] no evaluated runs under {sweep_dir}: nothing to report")
+            return
+        written = write_report([sweep_dir], sweep_dir / "report", self.worlds)  # a stop during the controls keeps it
+        if self.base_model:
+            self.evaluate_controls(config, sweep_dir, [r for r in runs if not r["control"]])
+            written = write_report([sweep_dir], sweep_dir / "report", self.worlds)
+            runs, _ = read_runs([sweep_dir], self.worlds)
+        print(f"[report] {console_summary(runs, control_rows(self.worlds, runs))}")
+        print(f"[report] {written['report']}")
+
+    def evaluate_controls(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
+        """Every control row of every swept subject, into `<sweep dir>/<method>/<subject>`."""
+        from dreambooth_pl.evaluation.evaluate import evaluate_run  # diffusers and transformers load only here
+        from dreambooth_pl.util.config import resolve_path
+
+        base_model = resolve_path(self.base_model)  # a folder, or the tiny model's `_target_` that builds one
+        eval_cfg = OmegaConf.to_container(config.eval, resolve=True)
+        model = OmegaConf.select(config, "model.name")
+        for subject in sorted({r["subject"] for r in runs}):
+            run = next(r for r in runs if r["subject"] == subject)
+            jobs = [ControlJob(BASE_ROW.method, run["identifier"])]
+            jobs += [job for world in self.worlds for job in world.control_jobs(run)]
+            for job in jobs:
+                evaluate_run(
+                    base_model if job.draw is None else None,
+                    str(sweep_dir / job.method / subject),
+                    eval_cfg,
+                    run["real_images_dir"],
+                    subject,
+                    run["class_noun"],
+                    job.identifier,
+                    run_meta={"method": job.method, "model": model, "steps": 0, "control": True},
+                    draw=job.draw,
+                )
