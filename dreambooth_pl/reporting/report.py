@@ -532,6 +532,7 @@ def drift_candidates(runs: list[dict], subject: str) -> dict[str, list[dict]]:
 def sweep_gaps(sweep_dir: Path, runs: list[dict]) -> list[str]:
     """What a sweep's report lacks: failed jobs, jobs without an evaluation, subjects without a base-model
     row, language-drift rows that cannot be drawn. Empty for a folder that is not a sweep."""
+    from dreambooth_pl.runs.records import load_mapping, select
     from dreambooth_pl.runs.sweeps import expected_jobs, failed_jobs, one_line
 
     if not (sweep_dir / "multirun.yaml").is_file():
@@ -542,8 +543,8 @@ def sweep_gaps(sweep_dir: Path, runs: list[dict]) -> list[str]:
         gaps.append(f"job {record['job']} ({' '.join(record['overrides'])}) failed: {one_line(record['error'])}")
     evaluated = {Path(r["run"]).resolve() for r in runs}
     failed_folders = {Path(r["folder"]).resolve() for r in failed if "folder" in r}
-    hydra = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra, resolve=False)
-    jobs = expected_jobs(sweep_dir) if hydra["sweep"]["subdir"] == "${hydra.job.num}" else None
+    hydra = load_mapping(sweep_dir / "multirun.yaml").get("hydra") or {}  # data: never resolved
+    jobs = expected_jobs(sweep_dir) if select(hydra, "sweep.subdir") == "${hydra.job.num}" else None
     if jobs is None:
         gaps.append(f"the sweep's jobs cannot be listed from {sweep_dir / 'multirun.yaml'}: missing jobs not checked")
     for num, overrides in enumerate(jobs or []):
@@ -553,7 +554,8 @@ def sweep_gaps(sweep_dir: Path, runs: list[dict]) -> list[str]:
         state = "never started" if not folder.is_dir() else "no eval/metrics.json (stopped, or not evaluated)"
         gaps.append(f"job {num} ({' '.join(overrides)}): {state}")
     subjects = sorted({r["subject"] for r in runs if r["method"] != BASE})
-    reports = [c for c in (hydra.get("callbacks") or {}).values() if "SweepReport" in str(c.get("_target_"))]
+    callbacks = [c for c in (hydra.get("callbacks") or {}).values() if isinstance(c, dict)]
+    reports = [c for c in callbacks if "SweepReport" in str(c.get("_target_"))]
     if any(c.get("base_model") for c in reports):
         base = {r["subject"] for r in runs if r["method"] == BASE}
         missing = [s for s in subjects if s not in base]
