@@ -117,10 +117,12 @@ def test_later_evaluation_logs_into_the_run_it_evaluates(sweep):
 
 
 @pytest.mark.slow  # two train.py runs: CI runs it (.ci/run)
-def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
+def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep, cache_dir):
     run_dir = sweep["dir"] / "1"
     original = (run_dir / ".hydra" / "overrides.yaml").read_text()
     command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+    # paths outside the run folder and the configured roots are taken from the command, not the saved record
+    command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={sweep['root'] / 'no-dataset'}"]
     proc = run([*command, "trainer.max_steps=5"], sweep["root"])
 
     assert "Resuming" in proc.stdout + proc.stderr and "overrides on top: " in proc.stdout + proc.stderr
