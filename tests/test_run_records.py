@@ -104,6 +104,26 @@ def test_saved_overrides_the_command_sets_again_are_not_judged(tmp_path):
     assert "Resuming" in output and "trainer.max_steps=0 must be >= 1" in output  # got to the job's checks
 
 
+OLD_LAYOUT = """\
+method: {_target_: dreambooth_pl.methods.LoRA, name: lora, rank: 4}
+model:
+  name: toy
+  pretrained: ${paths.toyworld_dir}/pipeline
+subject: {name: toy_teapot, instance_dir: '${paths.toyworld_dir}/dataset/toy_teapot', class_noun: teapot}
+logger: {wandb: {_target_: dreambooth_pl.loggers.wandb_logger}}
+"""
+
+
+def test_an_old_layout_run_folder_resumes_from_the_projects_current_configs(tmp_path):
+    """A run saved before the package moves names `dreambooth_pl.methods.LoRA` in its config.yaml: a resume
+    composes the current configs with its saved overrides, so the old targets are never imported."""
+    run = saved_run(tmp_path / "run", OLD_LAYOUT, "- method=lora\n- trainer.max_steps=0\n")
+    output = train_py([f"hydra.run.dir={run}", "ckpt_path=last"], tmp_path, expect=1)
+    assert "Resuming" in output and "trainer.max_steps=0 must be >= 1" in output  # the job's own checks
+    assert (run / ".hydra" / "history" / "0" / "config.yaml").read_text() == OLD_LAYOUT
+    assert "dreambooth_pl.training.methods.LoRA" in (run / ".hydra" / "config.yaml").read_text()
+
+
 # --------------------------------------------------------------------------- item 3: a broken record stops
 
 
