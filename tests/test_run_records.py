@@ -249,7 +249,10 @@ def test_an_unrelated_folder_a_finished_run_and_a_name_that_leaves_logs_are_refu
 
     logs = tmp_path / "logs"
     refused(["subject.name=../../..", f"paths.log_dir={logs}"], tmp_path, f"is not under paths.log_dir ({logs})")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["finished", "photos"]
+    refused(["-m", "sweep_name=../../../../x", f"paths.log_dir={logs}"], tmp_path, "sweep_name='../../../../x' becomes")
+    conf = tree(REPO / "conf")
+    refused(["-m", f"hydra.sweep.dir={REPO / 'conf'}", "seed=1,2"], tmp_path, "Leave out hydra.sweep.dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finished", "photos"] and tree(REPO / "conf") == conf
 
 
 @pytest.mark.slow  # renders a few toy images and scores them: about 30 s

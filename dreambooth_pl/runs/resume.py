@@ -25,7 +25,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from dreambooth_pl.runs.files import ProcessLock
 from dreambooth_pl.runs.records import load_mapping, load_record, select
-from dreambooth_pl.runs.run_folders import RUN_LOCK, check_closed_world, check_env_reads, check_run_folder, path_roots
+from dreambooth_pl.runs.run_folders import (
+    RUN_LOCK,
+    check_closed_world,
+    check_env_reads,
+    check_location,
+    check_run_folder,
+    path_roots,
+)
 from dreambooth_pl.util.config import CONF_DIR, ConfigError, exit_on_config_error
 
 log = logging.getLogger(__name__)
@@ -120,6 +127,16 @@ class RunRecord(Callback):
                 raise ConfigError(f"Cannot start the run ({type(err).__name__}: {message}). Nothing was changed.")
 
         exit_on_config_error(prepare)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """A sweep's folder: the same place rules as a run's, before Hydra writes `multirun.yaml`."""
+
+        def check() -> None:
+            check_env_reads(config)
+            given = any(o.split("=", 1)[0].lstrip("+") == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+            check_location(config, Path(config.hydra.sweep.dir).resolve(), "hydra.sweep.dir", default=not given)
+
+        exit_on_config_error(check)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         if self.lock is not None:

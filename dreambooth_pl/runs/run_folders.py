@@ -73,14 +73,16 @@ def inside(path: Path, folder: Path) -> bool:
     return path == folder or path.is_relative_to(folder)
 
 
-def check_run_folder(config: DictConfig, run_dir: Path, resuming: bool, default_dir: bool) -> None:
-    """Refuse a run folder where a run would overwrite something it does not own."""
+def check_location(config: DictConfig, folder: Path, option: str, default: bool) -> None:
+    """Refuse a run (or sweep) folder `option` in the project's source or data, or a default one that a
+    name (`subject.name`, `sweep_name`) moved out of `paths.log_dir`."""
     log_dir = Path(config.paths.log_dir).resolve()
-    in_logs = run_dir != log_dir and run_dir.is_relative_to(log_dir)
-    if default_dir and not in_logs:
+    in_logs = folder != log_dir and folder.is_relative_to(log_dir)
+    if default and not in_logs:
+        named = "sweep_name" if option == "hydra.sweep.dir" else "subject.name"
         raise ConfigError(
-            f"The run folder {run_dir} is not under paths.log_dir ({log_dir}): subject.name="
-            f"{config.subject.name!r} becomes part of its path. Use a plain name (no '/' or '..')."
+            f"The run folder {folder} is not under paths.log_dir ({log_dir}): {named}="
+            f"{OmegaConf.select(config, named)!r} becomes part of its path. Use a plain name (no '/' or '..')."
         )
     roots = path_roots(config)
     protected = {
@@ -89,15 +91,20 @@ def check_run_folder(config: DictConfig, run_dir: Path, resuming: bool, default_
         "the shared cache (paths.cache_dir)": roots["paths.cache_dir"],
         "the dataset (paths.dreambooth_root)": roots["paths.dreambooth_root"] / "dataset",
     }
-    for what, folder in protected.items():
-        if folder == PROJECT_ROOT and in_logs and inside(log_dir, folder):
+    for what, data in protected.items():
+        if data == PROJECT_ROOT and in_logs and inside(log_dir, data):
             continue  # the project's logs/ is where run folders belong
-        if inside(run_dir, folder) or inside(folder, run_dir):
+        if inside(folder, data) or inside(data, folder):
             raise ConfigError(
-                f"The run folder {run_dir} {'is in' if inside(run_dir, folder) else 'holds'} {what} ({folder}): a "
-                f"run would overwrite files there. Leave out hydra.run.dir (a new folder under {log_dir}) or "
-                "choose a folder outside it."
+                f"The run folder {folder} {'is in' if inside(folder, data) else 'holds'} {what} ({data}): a run "
+                f"would overwrite files there. Leave out {option} (a new folder under {log_dir}) or choose a "
+                "folder outside it."
             )
+
+
+def check_run_folder(config: DictConfig, run_dir: Path, resuming: bool, default_dir: bool) -> None:
+    """Refuse a run folder where a run would overwrite something it does not own."""
+    check_location(config, run_dir, "hydra.run.dir", default_dir)
     entries = [p for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
     if entries and not (run_dir / ".hydra").is_dir():
         raise ConfigError(
