@@ -96,8 +96,8 @@ def test_saved_overrides_the_command_sets_again_are_not_judged(tmp_path):
     assert merged == ["seed=1", "++callbacks.sigterm=null"]
     run = saved_run(tmp_path / "run", "seed: 42\n", f"- callbacks.checkpoint.dirpath={tmp_path / 'x'}\n")
     output = train_py(
-        [f"hydra.run.dir={run}", "ckpt_path=last", f"callbacks.checkpoint.dirpath={run}/checkpoints", "trainer.max_steps=0"]
-        + ["ckpt_allow_mismatch=true"],
+        [f"hydra.run.dir={run}", "ckpt_path=last", f"callbacks.checkpoint.dirpath={run}/checkpoints"]
+        + ["trainer.max_steps=0", "ckpt_allow_mismatch=true"],
         tmp_path,
         expect=1,
     )
