@@ -132,6 +132,7 @@ BROKEN = {
     "overrides-not-strings": ("seed: 42\n", "- 3\n- [a]\n", "overrides.yaml is not a list of overrides"),
     "overrides-missing": ("seed: 42\n", None, "overrides.yaml is missing"),
     "config-not-a-mapping": ("- a\n", "- seed=1\n", "config.yaml is not a saved config"),
+    "config-missing": (None, "- seed=1\n", "config.yaml cannot be read (FileNotFoundError"),
     "alias-bomb": ("seed: 42\n", "a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "uses YAML aliases"),
     "oversized": ("seed: 42\n", "- seed=1\n" + "#" * MAX_RECORD_BYTES, "more than any record Hydra writes"),
     "unparsable": ("seed: 42\n", "- 'seed=[1'\n", "entry 1 ('seed=[1'): does not parse"),
@@ -143,9 +144,10 @@ BROKEN = {
 def test_any_problem_with_the_saved_record_stops_the_resume_naming_the_file(tmp_path, case):
     """Not a warning and a run of the default recipe: exit 1, the file named, the folder as it was."""
     config, overrides, message = BROKEN[case]
-    run = saved_run(tmp_path / "run", config, overrides or "")
-    if overrides is None:
-        (run / ".hydra" / "overrides.yaml").unlink()
+    run = saved_run(tmp_path / "run", config or "", overrides or "")
+    for name, text in (("config.yaml", config), ("overrides.yaml", overrides)):
+        if text is None:
+            (run / ".hydra" / name).unlink()
     before = records(run)
     refused([f"hydra.run.dir={run}", "ckpt_path=last"], tmp_path, str(run / ".hydra"), message)
     assert records(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -183,7 +185,7 @@ def test_a_saved_config_is_data_old_layout_and_resolvers_included(tmp_path):
     (tmp_path / ".hydra" / "config.yaml").write_text(
         "method: {_target_: dreambooth_pl.methods.LoRA, name: lora}\n"
         "model: {name: toy, pretrained: {_target_: dreambooth_pl.models.build_random_pipeline}}\n"
-        "seed: 3\nprior: {enabled: true, weight: ${seed}}\n"
+        "seed: 3\nprior:\n  enabled: true\n  weight: ${seed}\n"
         "tags: ['${oc.env:SENTINEL_ENV}', 'row=${hydra:runtime.choices.toy_row}', \"${oc.decode:'{a: 1}'}\"]\n"
     )
     (tmp_path / ".hydra" / "hydra.yaml").write_text("hydra: {runtime: {choices: {toy_row: lora}}}\n")

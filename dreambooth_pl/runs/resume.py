@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose
@@ -97,8 +98,24 @@ def check_same_experiment(saved: dict, asked: DictConfig, ckpt_path: str, run_di
         )
 
 
-def run_dir_given(config: DictConfig) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in config.hydra.overrides.hydra)
+def hydra_override_given(config: DictConfig, key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+") == key for o in config.hydra.overrides.hydra)
+
+
+def stop_on_error(job: Callable[[], None]) -> None:
+    """A callback's problem stops the command with its message: Hydra would only warn and go on (a resume
+    with the default recipe)."""
+
+    def checked() -> None:
+        try:
+            job()
+        except ConfigError:
+            raise
+        except Exception as err:
+            message = str(err).splitlines()[0] if str(err) else ""
+            raise ConfigError(f"Not starting: {type(err).__name__}: {message}") from None
+
+    exit_on_config_error(checked)
 
 
 def checkpoint_run_dir(ckpt_path: str, run_dir: Path) -> Path | None:
@@ -117,26 +134,17 @@ class RunRecord(Callback):
         self.lock: ProcessLock | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        def prepare() -> None:
-            try:
-                self.prepare(config)
-            except ConfigError:
-                raise
-            except Exception as err:  # Hydra would only warn and train the defaults: stop instead
-                message = str(err).splitlines()[0] if str(err) else ""
-                raise ConfigError(f"Cannot start the run ({type(err).__name__}: {message}). Nothing was changed.")
-
-        exit_on_config_error(prepare)
+        stop_on_error(lambda: self.prepare(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """A sweep's folder: the same place rules as a run's, before Hydra writes `multirun.yaml`."""
 
         def check() -> None:
             check_env_reads(config)
-            given = any(o.split("=", 1)[0].lstrip("+") == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+            given = hydra_override_given(config, "hydra.sweep.dir")
             check_location(config, Path(config.hydra.sweep.dir).resolve(), "hydra.sweep.dir", default=not given)
 
-        exit_on_config_error(check)
+        stop_on_error(check)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         if self.lock is not None:
@@ -151,11 +159,11 @@ class RunRecord(Callback):
         source = checkpoint_run_dir(str(ckpt_path), run_dir) if ckpt_path else None
         primary = config.hydra.output_subdir is not None  # DDP's other ranks (None) run inside rank 0's lock
         if primary:
-            default_dir = run_dir == asked and not run_dir_given(config)  # the folder conf/hydra names
+            default_dir = run_dir == asked and not hydra_override_given(config, "hydra.run.dir")  # conf/hydra's
             check_run_folder(config, run_dir, resuming=source == run_dir, default_dir=default_dir)
         record = run_dir / ".hydra"
         resumed = None
-        if source is not None and (source / ".hydra" / "config.yaml").is_file():
+        if source is not None and (source / ".hydra").is_dir():  # a record without its config.yaml: named, refused
             saved = load_mapping(source / ".hydra" / "config.yaml")
             if source == run_dir:
                 resumed, merged = self.resume(config, record / "overrides.yaml", run_dir)
@@ -188,7 +196,7 @@ class RunRecord(Callback):
         unless `hydra.run.dir` is given."""
         run_dir = Path(config.hydra.run.dir).resolve()
         owner = checkpoint_run_dir(str(ckpt_path), run_dir) if ckpt_path else None
-        if owner is None or owner == run_dir or run_dir_given(config):
+        if owner is None or owner == run_dir or hydra_override_given(config, "hydra.run.dir"):
             return run_dir
         with read_write(config):
             config.hydra.run.dir = str(owner)
