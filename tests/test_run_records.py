@@ -23,6 +23,12 @@ from tests.test_evaluate import compose_eval
 from tests.test_faults import records, saved_run, train_py
 
 SENTINEL = "sentinel-value-7c1e"  # an environment variable's value that must never be written anywhere
+# a saved config.yaml of the default run's identity: without the checks, a resume of it would go on to train
+SAVED_CONFIG = """\
+model: {name: toy, pretrained: '${paths.toyworld_dir}/pipeline'}
+method: {name: dreambooth}
+subject: {name: toy_teapot, instance_dir: '${paths.toyworld_dir}/dataset/toy_teapot'}
+"""
 
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -74,7 +80,7 @@ def test_a_resume_accepts_only_what_the_projects_configs_could_have_produced(tmp
     outside = tmp_path / "outside"
     override, message = CRAFTED[case]
     override = override.replace("{outside}", str(outside))
-    run = saved_run(tmp_path / "run", "seed: 42\n", f"- trainer.max_steps=3\n- {json.dumps(override)}\n")
+    run = saved_run(tmp_path / "run", SAVED_CONFIG, f"- trainer.max_steps=3\n- {json.dumps(override)}\n")
     before = records(run)
     output = refused(
         [f"hydra.run.dir={run}", "ckpt_path=last"],
@@ -94,10 +100,10 @@ def test_saved_overrides_the_command_sets_again_are_not_judged(tmp_path):
     wins, so only what the run folder alone asks for is checked."""
     merged = merge_overrides(["+callbacks.sigterm._target_=x.Y", "seed=1"], ["++callbacks.sigterm=null"])
     assert merged == ["seed=1", "++callbacks.sigterm=null"]
-    run = saved_run(tmp_path / "run", "seed: 42\n", f"- callbacks.checkpoint.dirpath={tmp_path / 'x'}\n")
+    run = saved_run(tmp_path / "run", SAVED_CONFIG, f"- callbacks.checkpoint.dirpath={tmp_path / 'x'}\n")
     output = train_py(
         [f"hydra.run.dir={run}", "ckpt_path=last", f"callbacks.checkpoint.dirpath={run}/checkpoints"]
-        + ["trainer.max_steps=0", "ckpt_allow_mismatch=true"],
+        + ["trainer.max_steps=0"],
         tmp_path,
         expect=1,
     )
@@ -128,15 +134,15 @@ def test_an_old_layout_run_folder_resumes_from_the_projects_current_configs(tmp_
 
 
 BROKEN = {
-    "overrides-not-a-list": ("seed: 42\n", "{trainer.max_steps: 3}\n", "overrides.yaml is not a list of overrides"),
-    "overrides-not-strings": ("seed: 42\n", "- 3\n- [a]\n", "overrides.yaml is not a list of overrides"),
-    "overrides-missing": ("seed: 42\n", None, "overrides.yaml is missing"),
+    "overrides-not-a-list": (SAVED_CONFIG, "{trainer.max_steps: 3}\n", "overrides.yaml is not a list of overrides"),
+    "overrides-not-strings": (SAVED_CONFIG, "- 3\n- [a]\n", "overrides.yaml is not a list of overrides"),
+    "overrides-missing": (SAVED_CONFIG, None, "overrides.yaml is missing"),
     "config-not-a-mapping": ("- a\n", "- seed=1\n", "config.yaml is not a saved config"),
     "config-missing": (None, "- seed=1\n", "config.yaml cannot be read (FileNotFoundError"),
-    "alias-bomb": ("seed: 42\n", "a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "uses YAML aliases"),
-    "oversized": ("seed: 42\n", "- seed=1\n" + "#" * MAX_RECORD_BYTES, "more than any record Hydra writes"),
-    "unparsable": ("seed: 42\n", "- 'seed=[1'\n", "entry 1 ('seed=[1'): does not parse"),
-    "unknown-key": ("seed: 42\n", "- trainer.max_stepz=3\n", "do not compose"),
+    "alias-bomb": (SAVED_CONFIG, "a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "uses YAML aliases"),
+    "oversized": (SAVED_CONFIG, "- seed=1\n" + "#" * MAX_RECORD_BYTES, "more than any record Hydra writes"),
+    "unparsable": (SAVED_CONFIG, "- 'seed=[1'\n", "entry 1 ('seed=[1'): does not parse"),
+    "unknown-key": (SAVED_CONFIG, "- trainer.max_stepz=3\n", "do not compose"),
 }
 
 
