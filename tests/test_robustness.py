@@ -153,7 +153,7 @@ def test_sigterm_saves_the_current_step_exits_non_zero_and_resumes_exactly(tmp_p
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 38
     assert not (run / "pipeline").exists()
 
-    # no sigterm callback: the test's own callback is not code a run folder may ask for (resume.check_trusted)
+    # no sigterm callback: the test's own callback is not code a run folder may ask for (run_folders.py)
     resume = [*resume_args(run, cache_dir), "ckpt_path=last", "++callbacks.sigterm=null"]
     proc = train_py(resume, tmp_path / "resumed.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
@@ -183,7 +183,9 @@ def test_last_ckpt_is_always_the_newest_step_and_training_further_continues_the_
     assert checkpoint_step(last) == 7  # not a `last-v1.ckpt` beside a stale last.ckpt
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # one checkpoint file per run
 
-    proc = train_py([f"ckpt_path={last}", "trainer.max_steps=9"], elsewhere / "c.log")
+    # what a saved record may not say (paths outside the roots, `+` keys) is given again by the command
+    again = [p for p in common if p.startswith("paths.")] + ["++callbacks.sigterm=null"]
+    proc = train_py([f"ckpt_path={last}", "trainer.max_steps=9", *again], elsewhere / "c.log")
     assert proc.wait(timeout=600) == 0, (elsewhere / "c.log").read_text()[-3000:]
     out = (elsewhere / "c.log").read_text()
     assert f"is a checkpoint of the run in {run}: training that run further" in out

@@ -117,10 +117,12 @@ def test_later_evaluation_logs_into_the_run_it_evaluates(sweep):
 
 
 @pytest.mark.slow  # two train.py runs: CI runs it (.ci/run)
-def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
+def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep, cache_dir):
     run_dir = sweep["dir"] / "1"
     original = (run_dir / ".hydra" / "overrides.yaml").read_text()
     command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+    # paths outside the run folder and the configured roots are taken from the command, not the saved record
+    command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={sweep['root'] / 'no-dataset'}"]
     proc = run([*command, "trainer.max_steps=5"], sweep["root"])
 
     assert "Resuming" in proc.stdout + proc.stderr and "overrides on top: " in proc.stdout + proc.stderr
@@ -137,10 +139,11 @@ def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep):
     assert json.loads((run_dir / "wandb" / RUN_RECORD).read_text())["id"] == runs[0]["id"]
 
 
-def test_resume_refuses_another_subject_unless_asked(sweep):
+def test_resume_refuses_another_subject_unless_asked(sweep, cache_dir):
     run_dir = sweep["dir"] / "0"
     config_before = (run_dir / ".hydra" / "config.yaml").read_text()
     command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "ckpt_path=last", "subject=dog"]
+    command += [f"paths.cache_dir={cache_dir}", f"paths.dreambooth_root={sweep['root'] / 'no-dataset'}"]
     proc = run(command, sweep["root"], expect=1)
     output = proc.stdout + proc.stderr
     assert "subject.name: 'demo' -> 'dog'" in output and "ckpt_allow_mismatch=true" in output

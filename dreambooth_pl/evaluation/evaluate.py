@@ -32,6 +32,7 @@ from dreambooth_pl.runs.export import read_run_info
 from dreambooth_pl.runs.files import ProcessLock, atomic_file
 from dreambooth_pl.util.images import image_grid, is_readable_image, list_images, load_rgb, save_atomically
 from dreambooth_pl.runs.loggers import close_loggers
+from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.evaluation.metrics import (
     ClipEmbedder,
     DinoEmbedder,
@@ -99,32 +100,6 @@ def run_meta_from_config(cfg: DictConfig) -> dict:
         "seed": get("seed"),
         "tags": [str(t) for t in tags if t is not None],
     }
-
-
-def saved_run_config(run_dir: str | os.PathLike) -> DictConfig | None:
-    """A training run's config from `<run>/.hydra`, with `${hydra:...}` answered by that run's own hydra.yaml
-    and environment interpolations left unresolved."""
-    saved = Path(run_dir) / ".hydra"
-    if not (saved / "config.yaml").is_file():
-        return None
-    cfg = OmegaConf.create(_without_env(OmegaConf.load(saved / "config.yaml")).replace("${hydra:", "${hydra."))
-    if (saved / "hydra.yaml").is_file():
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(_without_env(OmegaConf.load(saved / "hydra.yaml"))))
-    return cfg
-
-
-def _without_env(cfg: DictConfig) -> str:
-    """The config as YAML with every `${oc.env:...}` kept as literal text: this machine's environment (API
-    keys, tokens) is not the training run's, and must never be copied into metrics.json or a report."""
-
-    def escape(node):
-        if isinstance(node, dict):
-            return {key: escape(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [escape(value) for value in node]
-        return node.replace("${oc.env:", "\\${oc.env:") if isinstance(node, str) else node
-
-    return OmegaConf.to_yaml(OmegaConf.create(escape(OmegaConf.to_container(cfg, resolve=False))))
 
 
 def _write_json_atomically(data: dict, path: Path) -> Path:
@@ -529,7 +504,8 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     photos = (cfg.eval.real_images_dir, chosen("subject.instance_dir"), *recorded, dataset_photos)
     real_images_dir = next(p for p in photos if p)
 
-    # the training run's W&B run gets the evaluation (same id); a run without one gets a new eval run
+    # the training run's W&B run gets the evaluation (same id); a run without one gets a new eval run. The
+    # logger is this command's (conf/evaluate.yaml): nothing read from the run folder is instantiated
     loggers = [instantiate(cfg.logger.wandb, save_dir=str(run_dir))] if cfg.logger.wandb else []
     succeeded = False
     try:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
-from hydra.utils import get_class
+from diffusers import SchedulerMixin, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -28,10 +28,20 @@ class SamplerSettings:
     batch_size: int = 4
 
 
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """`diffusers.<Name>` for one of diffusers' scheduler classes; anything else is refused, never imported."""
+    module, _, attribute = str(name).partition(".")
+    cls = getattr(diffusers, attribute, None) if module == "diffusers" and attribute.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. diffusers.DDIMScheduler)")
+    return cls
+
+
 def use_scheduler(pipe: StableDiffusionPipeline, scheduler: str) -> StableDiffusionPipeline:
     """Swap in a sampler class, keeping the model's noise schedule. Flow-matching pipelines (FLUX, SD3)
-    sample only with flow-matching schedulers: another one is refused by name, not by a failure mid-render."""
-    cls = get_class(scheduler)
+    sample only with flow-matching schedulers: another one is refused by name, not by a failure mid-render.
+    The name is data (a resumed run folder may hold it): only a diffusers scheduler class is looked up."""
+    cls = scheduler_class(scheduler)
     flow = "FlowMatch" in type(pipe.scheduler).__name__
     if flow != ("FlowMatch" in cls.__name__):
         raise ValueError(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from dreambooth_pl.reporting.figures import drift_candidates
 from dreambooth_pl.reporting.records import BASE
+from dreambooth_pl.runs.records import load_mapping, select
 from dreambooth_pl.runs.sweeps import expected_jobs, failed_jobs, one_line
 
 
@@ -16,10 +15,11 @@ def sweep_gaps(sweep_dir: Path, runs: list[dict]) -> list[str]:
     cannot be drawn. Empty for a folder that is not a sweep."""
     if not (sweep_dir / "multirun.yaml").is_file():
         return []
-    hydra = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra, resolve=False)
+    hydra = load_mapping(sweep_dir / "multirun.yaml").get("hydra") or {}  # data: never resolved
     trained = sorted({r["subject"] for r in runs if not r["control"]})
     gaps = _job_gaps(sweep_dir, runs, hydra)
-    reports = [c for c in (hydra.get("callbacks") or {}).values() if "SweepReport" in str(c.get("_target_"))]
+    callbacks = [c for c in (hydra.get("callbacks") or {}).values() if isinstance(c, dict)]
+    reports = [c for c in callbacks if "SweepReport" in str(c.get("_target_"))]
     if any(c.get("base_model") for c in reports):
         base = {r["subject"] for r in runs if r["method"] == BASE}
         missing = [s for s in trained if s not in base]
@@ -42,7 +42,7 @@ def _job_gaps(sweep_dir: Path, runs: list[dict], hydra: dict) -> list[str]:
     gaps = [f"job {r['job']} ({' '.join(r['overrides'])}) failed: {one_line(r['error'])}" for r in failed]
     evaluated = {Path(r["run"]).resolve() for r in runs}
     failed_folders = {Path(r["folder"]).resolve() for r in failed if "folder" in r}
-    jobs = expected_jobs(sweep_dir) if hydra["sweep"]["subdir"] == "${hydra.job.num}" else None
+    jobs = expected_jobs(sweep_dir) if select(hydra, "sweep.subdir") == "${hydra.job.num}" else None
     if jobs is None:
         gaps.append(f"the sweep's jobs cannot be listed from {sweep_dir / 'multirun.yaml'}: missing jobs not checked")
     for num, overrides in enumerate(jobs or []):

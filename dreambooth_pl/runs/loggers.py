@@ -11,6 +11,7 @@ import json
 import logging
 import netrc
 import os
+import re
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,7 +24,11 @@ from dreambooth_pl.util.network import server_reachable
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD = "dreambooth_run.json"  # in <save_dir>/wandb/: id, project, name, group and job type of the run
+RUN_RECORD = "dreambooth_run.json"  # in <save_dir>/wandb/: id, name, group, job type and project of the run
+RUN_LABELS = ("name", "group", "job_type", "project")  # plain labels; the project is always the config's
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RUN_LABEL = re.compile(r"[^\x00-\x1f\x7f]{0,128}")
+MAX_RUN_RECORD_BYTES = 64 << 10
 MODES = ("auto", "online", "offline")
 
 
@@ -44,13 +49,14 @@ def swept_keys(sweep_dir: Path) -> list[str]:
     """The keys a sweep varies: the sweeper's params (an ablation config's) and the command line's sweep
     overrides, as Hydra's sweeper saved them in `<sweep>/multirun.yaml` before launching the jobs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
+
+    from dreambooth_pl.runs.records import load_mapping, select
 
     if not (sweep_dir / "multirun.yaml").is_file():
         return []
-    multirun = OmegaConf.load(sweep_dir / "multirun.yaml")
-    keys = list(multirun.hydra.sweeper.get("params") or {})
-    parsed = OverridesParser.create().parse_overrides(list(multirun.hydra.overrides.task))
+    multirun = load_mapping(sweep_dir / "multirun.yaml")  # data: never resolved
+    keys = [str(k) for k in select(multirun, "hydra.sweeper.params") or {}]
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in select(multirun, "hydra.overrides.task") or []])
     return keys + [o.key_or_group for o in parsed if o.is_sweep_override() and o.key_or_group not in keys]
 
 
@@ -68,19 +74,30 @@ def sweep_group_and_values() -> tuple[str | None, list[str]]:
 
 
 def read_run_record(save_dir: str | os.PathLike) -> dict | None:
+    """The W&B run a folder continues, read as data: a run id and plain labels (name, group, job type,
+    project), each checked; any other key (`entity`, settings) is refused rather than passed to `wandb.init`."""
     path = Path(save_dir) / "wandb" / RUN_RECORD
     if not path.is_file():
         return None
     try:
+        if path.stat().st_size > MAX_RUN_RECORD_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes; the project writes a few hundred")
         record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-            raise ValueError("no run id")
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not RUN_ID.fullmatch(record["id"]):
+            raise ValueError("no run id (letters, digits, - and _)")
+        unknown = sorted(set(record) - {"id", *RUN_LABELS})
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a key this project writes")
+        for key in RUN_LABELS:
+            value = record.get(key)
+            if value is not None and not (isinstance(value, str) and RUN_LABEL.fullmatch(value)):
+                raise ValueError(f"{key} is not a plain label of at most 128 printable characters")
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"{path} is damaged ({type(err).__name__}: {err}): it names the W&B run this folder continues. "
             "Delete it to continue in a new W&B run."
         ) from None
-    return record
+    return {"id": record["id"], **{key: record.get(key) for key in RUN_LABELS}}
 
 
 def _choose_mode(mode: str, reachability_timeout: float) -> tuple[str, str | None]:
@@ -133,12 +150,12 @@ def wandb_logger(
         sweep, swept = sweep_group_and_values()
         record = {
             "id": uuid.uuid4().hex[:8],
-            "project": project,
             "name": "-".join([name, *swept]) if name else None,
             "group": group or sweep,
             "job_type": job_type,
         }
     Path(save_dir, "wandb").mkdir(parents=True, exist_ok=True)
+    record["project"] = project  # this command's: a record never sends the run elsewhere
     run = wandb.init(
         **record,
         resume="allow",

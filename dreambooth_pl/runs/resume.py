@@ -1,116 +1,92 @@
 """Resuming continues the experiment that was started, not whatever the defaults say today.
 
 Hydra writes `<run>/.hydra/` before the job starts, so this is a Hydra callback (conf/hydra/default.yaml):
-`on_run_start` is the last moment to take the run folder's lock (one run per folder), to keep the earlier
-record (copied to `.hydra/history/<n>/`) and, when `ckpt_path` resumes in the run's own folder, to load the
-run's saved overrides with the new ones on top. `ckpt_path=<run>/checkpoints/<file>` trains that run
-further in its own folder unless `hydra.run.dir` is given. A checkpoint of another model, method or subject
-than the one asked for is refused unless `ckpt_allow_mismatch=true`. A run folder may come from someone
-else: what its saved config would instantiate must be on `trusted_targets`. Only light imports here: Hydra
-loads this module for every command.
+`on_run_start` is the last moment to refuse a run folder that would lose data (`run_folders.py`), to take
+its lock (one run per folder), to keep the earlier record (copied to `.hydra/history/<n>/`) and, when
+`ckpt_path` resumes in the run's own folder, to load the run's saved overrides with the new ones on top.
+`ckpt_path=<run>/checkpoints/<file>` trains that run further in its own folder unless `hydra.run.dir` is
+given. A checkpoint of another model, method or subject than the one asked for is refused unless
+`ckpt_allow_mismatch=true`. A run folder may come from someone else: its saved overrides are data checked
+against the project's own configs (`closed_world`), and any problem with them stops the run before anything
+is written. Only light imports here: Hydra loads this module for every command.
 """
 
 from __future__ import annotations
 
 import atexit
-import fnmatch
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from dreambooth_pl.util.config import ConfigError, exit_on_config_error
 from dreambooth_pl.runs.files import ProcessLock
+from dreambooth_pl.runs.records import load_mapping, load_record, select
+from dreambooth_pl.runs.run_folders import (
+    RUN_LOCK,
+    check_closed_world,
+    check_env_reads,
+    check_location,
+    check_run_folder,
+    path_roots,
+)
+from dreambooth_pl.util.config import CONF_DIR, ConfigError, exit_on_config_error
 
 log = logging.getLogger(__name__)
 
 # what a checkpoint belongs to: resuming it under other values would silently change the experiment
 IDENTITY = ("model.name", "model.pretrained", "method.name", "subject.name", "subject.instance_dir")
 RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
-RUN_LOCK = ".run.lock"  # in the run folder: the pid of the run using it
-CODE_KEYS = ("_target_", "scheduler")  # keys whose value names Python code to import (scheduler: a class path)
 
 
-def read_record(path: Path) -> DictConfig | ListConfig:
-    """A saved Hydra file, or a ConfigError naming it (a resume must never go on with the defaults)."""
+def saved_overrides(path: Path) -> list[str]:
+    """`.hydra/overrides.yaml` as the list of strings Hydra writes, or a ConfigError naming it."""
+    overrides = load_record(path)
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{path} is not a list of overrides (key=value strings). Not resuming.")
+    return overrides
+
+
+def override_key(override: str) -> str:
+    """The key or group an override sets; its text when it does not parse (the closed world names it)."""
     try:
-        return OmegaConf.load(path)
-    except Exception as err:  # yaml's and OmegaConf's many error types
-        raise ConfigError(
-            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            "Restore it from .hydra/history/, or start a new run folder."
-        ) from None
+        return OverridesParser.create().parse_override(override).key_or_group
+    except Exception:  # the grammar's errors
+        return override
 
 
-def code_targets(cfg: DictConfig | ListConfig, prefix: str = "") -> list[tuple[str, str]]:
-    """Every (dotted key, value) of the config that names code: `_target_`s and scheduler class paths."""
-    found = []
-    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
-    for key in keys:
-        path = f"{prefix}.{key}" if prefix else str(key)
-        node = cfg._get_node(key)
-        if isinstance(node, (DictConfig, ListConfig)):
-            found += code_targets(node, path)
-        elif key in CODE_KEYS:
-            try:
-                value = cfg[key]
-            except Exception:  # an interpolation that does not resolve: judged by its text
-                value = node._value()
-            if isinstance(value, str) and (key == "_target_" or "." in value):
-                found.append((path, value))
-    return found
-
-
-def check_trusted(cfg: DictConfig, trusted: list[str], source: Path) -> None:
-    """Refuse, before anything is imported, a config whose code is not the project's or its libraries'."""
-    targets = [(k, v) for k, v in code_targets(cfg) if not k.startswith("hydra.")]  # the job's, not Hydra's own
-    untrusted = [(k, v) for k, v in targets if not any(fnmatch.fnmatchcase(v, p) for p in trusted)]
-    if untrusted:
-        raise ConfigError(
-            f"{source} asks to run code that is not this project's or its libraries': "
-            + ", ".join(f"{key}={value!r}" for key, value in untrusted)
-            + ". Not resuming. If you trust this run folder, add the target to "
-            "hydra.callbacks.run_record.trusted_targets."
-        )
+def superseded(key: str, new_keys: set[str]) -> bool:
+    """A saved key the command sets again, itself or a node above it (`callbacks.sigterm=null` drops a saved
+    `callbacks.sigterm._target_=...`)."""
+    return any(key == k or key.startswith(k + ".") for k in new_keys)
 
 
 def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
     """The saved overrides with each new one replacing the saved ones for the same key (at the first one's
-    place: a saved `+key=...` may come before), then the new keys."""
-    parser = OverridesParser.create()
-
-    def key(override: str) -> str:
-        return parser.parse_override(override).key_or_group
-
-    replaced = {key(o): o for o in new}
+    place: a saved `+key=...` may come before) and those under it, then the new keys."""
+    replaced = {override_key(o): o for o in new}
     merged, placed = [], set()
     for override in saved:
-        name = key(override)
-        if name not in replaced:
-            merged.append(override)
-        elif name not in placed:  # later saved values of the key (`a=1 ... a=2`) must not win over the new one
+        name = override_key(override)
+        if name in replaced and name not in placed:  # later saved values (`a=1 ... a=2`) must not win over the new one
             merged.append(replaced[name])
             placed.add(name)
-    return merged + [o for o in replaced.values() if key(o) not in placed]
+        elif not superseded(name, set(replaced)):
+            merged.append(override)
+    return merged + [o for o in replaced.values() if override_key(o) not in placed]
 
 
-def identity(cfg: DictConfig) -> dict:
+def identity(cfg: DictConfig | dict) -> dict:
     """The IDENTITY values as written in the config (unresolved: `${paths...}` stays a reference)."""
-    container = OmegaConf.to_container(cfg, resolve=False)
-    values = {}
-    for dotted in IDENTITY:
-        node = container
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        values[dotted] = node
-    return values
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
+    return {dotted: select(container, dotted) for dotted in IDENTITY}
 
 
-def check_same_experiment(saved: DictConfig, asked: DictConfig, ckpt_path: str, run_dir: Path) -> None:
+def check_same_experiment(saved: dict, asked: DictConfig, ckpt_path: str, run_dir: Path) -> None:
     before, now = identity(saved), identity(asked)
     changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in IDENTITY if before[k] != now[k]]
     if changed and not asked.get("ckpt_allow_mismatch"):
@@ -122,8 +98,24 @@ def check_same_experiment(saved: DictConfig, asked: DictConfig, ckpt_path: str, 
         )
 
 
-def run_dir_given(config: DictConfig) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in config.hydra.overrides.hydra)
+def hydra_override_given(config: DictConfig, key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+") == key for o in config.hydra.overrides.hydra)
+
+
+def stop_on_error(job: Callable[[], None]) -> None:
+    """A callback's problem stops the command with its message: Hydra would only warn and go on (a resume
+    with the default recipe)."""
+
+    def checked() -> None:
+        try:
+            job()
+        except ConfigError:
+            raise
+        except Exception as err:
+            message = str(err).splitlines()[0] if str(err) else ""
+            raise ConfigError(f"Not starting: {type(err).__name__}: {message}") from None
+
+    exit_on_config_error(checked)
 
 
 def checkpoint_run_dir(ckpt_path: str, run_dir: Path) -> Path | None:
@@ -137,48 +129,74 @@ def checkpoint_run_dir(ckpt_path: str, run_dir: Path) -> Path | None:
 class RunRecord(Callback):
     """One run per folder; keep every invocation's record of it and resume with the run's own config."""
 
-    def __init__(self, trusted_targets: list[str] | None = None) -> None:
-        self.trusted = list(trusted_targets or [])
+    def __init__(self) -> None:
         self.notes: list[str] = []
         self.lock: ProcessLock | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        exit_on_config_error(lambda: self.prepare(config))
+        stop_on_error(lambda: self.prepare(config))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """A sweep's folder: the same place rules as a run's, before Hydra writes `multirun.yaml`."""
+
+        def check() -> None:
+            check_env_reads(config)
+            given = hydra_override_given(config, "hydra.sweep.dir")
+            check_location(config, Path(config.hydra.sweep.dir).resolve(), "hydra.sweep.dir", default=not given)
+
+        stop_on_error(check)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         if self.lock is not None:
             self.lock.release()
 
     def prepare(self, config: DictConfig) -> None:
+        """Every check first; then the lock, the history copy and the resumed config (Hydra then writes)."""
+        check_env_reads(config)
         ckpt_path = config.get("ckpt_path")
+        asked = Path(config.hydra.run.dir).resolve()
         run_dir = self.run_folder(config, ckpt_path)
-        record = run_dir / ".hydra"
-        if config.hydra.output_subdir is not None:  # DDP's other ranks (None) run inside rank 0's lock
-            self.take(run_dir)
         source = checkpoint_run_dir(str(ckpt_path), run_dir) if ckpt_path else None
+        primary = config.hydra.output_subdir is not None  # DDP's other ranks (None) run inside rank 0's lock
+        if primary:
+            default_dir = run_dir == asked and not hydra_override_given(config, "hydra.run.dir")  # conf/hydra's
+            check_run_folder(config, run_dir, resuming=source == run_dir, default_dir=default_dir)
+        record = run_dir / ".hydra"
         resumed = None
-        if source is not None and (source / ".hydra" / "config.yaml").is_file():
-            saved = read_record(source / ".hydra" / "config.yaml")
-            if source == run_dir and (record / "overrides.yaml").is_file():
-                new = list(config.hydra.overrides.task)
-                merged = merge_overrides(list(read_record(record / "overrides.yaml")), new)
-                resumed = self.compose(config, merged, record / "overrides.yaml")
-                check_trusted(resumed, self.trusted, record / "overrides.yaml")
+        if source is not None and (source / ".hydra").is_dir():  # a record without its config.yaml: named, refused
+            saved = load_mapping(source / ".hydra" / "config.yaml")
+            if source == run_dir:
+                resumed, merged = self.resume(config, record / "overrides.yaml", run_dir)
                 check_same_experiment(saved, resumed, ckpt_path, run_dir)
-                self.notes.append(f"Resuming {run_dir} with its saved config; overrides on top: {' '.join(new)}")
+                new = " ".join(config.hydra.overrides.task)
+                self.notes.append(f"Resuming {run_dir} with its saved config; overrides on top: {new}")
             else:
                 check_same_experiment(saved, config, ckpt_path, source)
-        if config.hydra.output_subdir is not None and (record / "config.yaml").is_file():  # DDP's other ranks: None
-            self.keep_record(record)
+        if primary:
+            self.take(run_dir)
+            if (record / "config.yaml").is_file():
+                self.keep_record(record)
         if resumed is not None:
             self.use_config(config, resumed, merged)
+
+    def resume(self, config: DictConfig, source: Path, run_dir: Path) -> tuple[DictConfig, list[str]]:
+        """The run's saved overrides, checked against the project's configs, with the new ones on top: the
+        composed config and the overrides it was composed from."""
+        if not source.is_file():
+            raise ConfigError(f"{source} is missing: the run's settings are unknown. Not resuming with the defaults.")
+        saved, new = saved_overrides(source), list(config.hydra.overrides.task)
+        kept = [None if superseded(override_key(o), set(map(override_key, new))) else o for o in saved]
+        merged = merge_overrides(saved, new)
+        groups = [o for o in merged if (CONF_DIR / override_key(o)).is_dir()]
+        check_closed_world(kept, source, lambda: self.compose(config, groups, source), run_dir, path_roots(config))
+        return self.compose(config, merged, source), merged
 
     def run_folder(self, config: DictConfig, ckpt_path: str | None) -> Path:
         """The run folder: `ckpt_path=<run>/checkpoints/<file>` continues that run there (and in its W&B run)
         unless `hydra.run.dir` is given."""
         run_dir = Path(config.hydra.run.dir).resolve()
         owner = checkpoint_run_dir(str(ckpt_path), run_dir) if ckpt_path else None
-        if owner is None or owner == run_dir or run_dir_given(config):
+        if owner is None or owner == run_dir or hydra_override_given(config, "hydra.run.dir"):
             return run_dir
         with read_write(config):
             config.hydra.run.dir = str(owner)

@@ -18,7 +18,7 @@ from typing import TypeVar
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dreambooth_pl.util.config import ConfigError, exit_on_config_error
 
@@ -74,16 +74,17 @@ def expected_jobs(sweep_dir: str | Path) -> list[list[str]] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from dreambooth_pl.runs.loggers import swept_keys
+    from dreambooth_pl.runs.records import load_mapping, select
 
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():
         return None
     try:
-        multirun = OmegaConf.load(path)
-        if "basic_sweeper" not in str(multirun.hydra.sweeper.get("_target_", "")):
+        multirun = load_mapping(path)  # data: never resolved
+        if "basic_sweeper" not in str(select(multirun, "hydra.sweeper._target_")):
             return None
-        params = [f"{k}={v}" for k, v in (multirun.hydra.sweeper.get("params") or {}).items()]
-        parsed = OverridesParser.create().parse_overrides([*params, *multirun.hydra.overrides.task])
+        params = [f"{k}={v}" for k, v in (select(multirun, "hydra.sweeper.params") or {}).items()]
+        parsed = OverridesParser.create().parse_overrides([*params, *select(multirun, "hydra.overrides.task")])
         swept = swept_keys(Path(sweep_dir))
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
         return [[o for o in job if o.split("=", 1)[0].lstrip("+~") in swept] for job in jobs]

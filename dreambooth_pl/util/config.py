@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TypeVar
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+from omegaconf.resolvers.oc import env as oc_env
 
 T = TypeVar("T")
 
@@ -60,12 +62,40 @@ def non_finite(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder of train.py and conf/
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+class EnvironmentRead(ConfigError):
+    """An interpolation asked for an environment variable that the project's configs do not read."""
+
+
+@functools.cache
+def readable_env() -> frozenset[str]:
+    """The environment variables the project's own configs read (`${oc.env:NAME,...}` in conf/): path roots."""
+    found = set()
+    for path in CONF_DIR.rglob("*.yaml"):
+        found.update(re.findall(r"\$\{oc\.env:([A-Za-z_]\w*)", path.read_text()))
+    return frozenset(found)
+
+
+def guarded_env(key: str, *default):
+    """`${oc.env:...}` for the variables the project's configs name, and nothing else: a value typed as
+    `${oc.env:SECRET}` in an override, tag or name would otherwise be copied into `.hydra/`, logs and W&B."""
+    if key not in readable_env():
+        raise EnvironmentRead(
+            f"${{oc.env:{key}}}: a run reads only the environment variables its configs name "
+            f"({', '.join(sorted(readable_env()))}), so that no other variable's value (an API key, a token) is "
+            "ever copied into its records. Write the value itself instead."
+        )
+    return oc_env(key, *default)
 
 
 def register_resolvers() -> None:
-    """`${project_root:}`: default paths (conf/paths) are read against the project, not the working directory."""
+    """`${project_root:}`: default paths (conf/paths) are read against the project, not the working directory;
+    `${oc.env:...}` reads only the project's own variables (`guarded_env`)."""
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    OmegaConf.register_new_resolver("oc.env", guarded_env, replace=True)
 
 
 @functools.cache
