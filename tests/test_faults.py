@@ -4,6 +4,7 @@ what they wait for, sweeps that survive a failed job, every bad value and file n
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from dreambooth_pl.runs.checkpoints import CheckpointError
+from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
 from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
 from dreambooth_pl.runs.export import write_dir_atomically
@@ -180,6 +182,9 @@ EVAL = ["eval.enabled=true"]
         (["sampler.guidance_scale=inf"], "sampler.guidance_scale=inf must be a finite number"),
         (["seed=-1"], "seed=-1 must be between 0 and 2**32 - 1"),
         (["seed=4294967296"], "seed=4294967296 must be between 0 and 2**32 - 1"),
+        (["seed=1.5"], "seed=1.5 must be a whole number"),
+        (["identifier=sks", "identifier.token=teapot"], "identifier.token='teapot' is the class noun"),
+        (["identifier=sks", "identifier.token=Teapot"], "identifier.token='Teapot' is the class noun"),
         ([*EVAL, "eval.sampler.resolution=60"], "eval.sampler.resolution=60 must be a positive multiple of 8"),
         ([*EVAL, "eval.images_per_prompt=1"], "eval.images_per_prompt=1: DIV compares images of one prompt"),
         ([*EVAL, "eval.seed=-5"], "eval.seed=-5 must be between 0 and 2**32 - 1"),
@@ -192,6 +197,20 @@ def test_every_number_is_checked_before_any_work(tmp_path, cache_dir, overrides,
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     assert message in str(err.value)
+
+
+def test_a_damaged_class_image_manifest_is_rebuilt(tmp_path, tiny_pretrained, caplog):
+    """The images are whole, their manifest is not (a disk error, a hand edit): nothing is generated again,
+    and the manifest is rewritten with a warning naming it."""
+    cache = ClassImageCache(str(tmp_path), tiny_pretrained, {"num_inference_steps": 1, "resolution": 32}, seed=3)
+    assert cache.ensure("a teapot", 2) == 2
+    manifest = cache.folder("a teapot") / MANIFEST
+    for damage in ('{"key": {"prompt": "a tea', '{"images": ["00000.png"]}'):
+        manifest.write_text(damage)
+        with caplog.at_level(logging.WARNING):
+            assert cache.ensure("a teapot", 2) == 0
+        assert f"{manifest} is missing or damaged; rewriting it" in caplog.text
+        assert json.loads(manifest.read_text())["images"] == ["00000.png", "00001.png"]
 
 
 def test_one_image_per_prompt_evaluates_without_div_when_asked(tmp_path, cache_dir):

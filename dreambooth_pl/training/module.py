@@ -22,9 +22,14 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from dreambooth_pl.models.families import Components, PromptEmbeddings, get_family
 from dreambooth_pl.training.losses import DreamBoothLoss, dreambooth_loss, offset_noise
 from dreambooth_pl.training.methods import FineTuneMethod
+from dreambooth_pl.util.config import ConfigError
 
 log = logging.getLogger(__name__)
 HALF_PRECISIONS = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+class TrainingDiverged(ConfigError, FloatingPointError):
+    """The loss became NaN or infinite: a setting (learning rate, precision) to change, said in one line."""
 
 
 def quantized_denoiser(quantize_base: str | None) -> dict | None:
@@ -287,7 +292,7 @@ class DreamBoothModule(L.LightningModule):
             # The weights still hold the last good step: keep them before stopping.
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
             self.trainer.save_checkpoint(path)
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"Training loss became non-finite ({loss.total.item()} on rank {self.global_rank}) at step "
                 f"{self.global_step}; the last good state is saved in {path}. Lower module.optimizer.lr or set "
                 "trainer.gradient_clip_val."
