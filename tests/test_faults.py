@@ -23,6 +23,7 @@ from PIL import Image
 from dreambooth_pl.runs.checkpoints import CheckpointError
 from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
 from dreambooth_pl.util.config import ConfigError
+from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
 from dreambooth_pl.runs.export import write_dir_atomically
 from dreambooth_pl.runs.files import DiskFull, ProcessLock, atomic_file
@@ -260,6 +261,16 @@ def test_a_truncated_weights_file_in_a_local_model_is_damaged_not_unreachable(tm
         from_pretrained_or_explain(UNet2DConditionModel, str(model), "unet")
     assert f"model.pretrained='{model}' is a damaged model folder" in str(err.value)
     assert "hf download" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_evaluation_reader_with_damaged_weights_names_its_folder(tmp_path):
+    models = tiny_embedding_models(tmp_path)
+    weights = Path(models["dino"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelNotReachable) as err:
+        DinoEmbedder(models["dino"], Preprocess(32, 32, [0.5] * 3, [0.5] * 3), device="cpu")
+    message = str(err.value)
+    assert message.startswith(f"eval.dino.model='{models['dino']}' is a damaged model folder") and "\n" not in message
 
 
 @pytest.mark.slow  # two entry points started: about 40 s on a busy 2-core machine
