@@ -84,13 +84,14 @@ def final_state(run_dir: Path) -> tuple[dict, list[dict]]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir):
-    """The reference runs, one per setting, made when first asked for."""
+    """The reference runs, one per setting, made when first asked for; with `ckpt_path=last`, as a job script
+    starts every time: a new folder has no checkpoint and starts from the pretrained model."""
     made = {}
 
     def reference(overrides: tuple[str, ...]) -> tuple[dict, list[dict]]:
         if overrides not in made:
             out = tmp_path_factory.mktemp("uninterrupted")
-            assert run(out, cache_dir, list(overrides)) == 0
+            assert run(out, cache_dir, [*overrides, "ckpt_path=last"]) == 0
             made[overrides] = final_state(out)
         return made[overrides]
 
