@@ -156,8 +156,8 @@ def as_of_last_batch(trainer: L.Trainer):
 
     A signal during an epoch's last batch (or its end hooks) stops the run only after the epoch is counted
     complete. Lightning's restore does not expect that state: it resumes the next epoch as if that epoch's
-    first batches were done, ends it early and shifts every later epoch's data order (the resumed weights
-    differed from 1e-4 on). Mid-epoch stops, raised just after a batch, are left as they are.
+    first batches were done, ends it early and shifts every later epoch's data order, so the resumed weights
+    differ. Mid-epoch stops, raised just after a batch, are left as they are.
     """
     fit = trainer.fit_loop
     epochs, batches = fit.epoch_progress, fit.epoch_loop.batch_progress
