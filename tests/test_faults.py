@@ -4,6 +4,7 @@ what they wait for, sweeps that survive a failed job, every bad value and file n
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -20,7 +21,9 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from dreambooth_pl.runs.checkpoints import CheckpointError
+from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
 from dreambooth_pl.util.config import ConfigError
+from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
 from dreambooth_pl.runs.export import write_dir_atomically
 from dreambooth_pl.runs.files import DiskFull, ProcessLock, atomic_file
@@ -180,6 +183,9 @@ EVAL = ["eval.enabled=true"]
         (["sampler.guidance_scale=inf"], "sampler.guidance_scale=inf must be a finite number"),
         (["seed=-1"], "seed=-1 must be between 0 and 2**32 - 1"),
         (["seed=4294967296"], "seed=4294967296 must be between 0 and 2**32 - 1"),
+        (["seed=1.5"], "seed=1.5 must be a whole number"),
+        (["identifier=sks", "identifier.token=teapot"], "identifier.token='teapot' is the class noun"),
+        (["identifier=sks", "identifier.token=Teapot"], "identifier.token='Teapot' is the class noun"),
         ([*EVAL, "eval.sampler.resolution=60"], "eval.sampler.resolution=60 must be a positive multiple of 8"),
         ([*EVAL, "eval.images_per_prompt=1"], "eval.images_per_prompt=1: DIV compares images of one prompt"),
         ([*EVAL, "eval.seed=-5"], "eval.seed=-5 must be between 0 and 2**32 - 1"),
@@ -192,6 +198,20 @@ def test_every_number_is_checked_before_any_work(tmp_path, cache_dir, overrides,
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     assert message in str(err.value)
+
+
+def test_a_damaged_class_image_manifest_is_rebuilt(tmp_path, tiny_pretrained, caplog):
+    """The images are whole, their manifest is not (a disk error, a hand edit): nothing is generated again,
+    and the manifest is rewritten with a warning naming it."""
+    cache = ClassImageCache(str(tmp_path), tiny_pretrained, {"num_inference_steps": 1, "resolution": 32}, seed=3)
+    assert cache.ensure("a teapot", 2) == 2
+    manifest = cache.folder("a teapot") / MANIFEST
+    for damage in ('{"key": {"prompt": "a tea', '{"images": ["00000.png"]}'):
+        manifest.write_text(damage)
+        with caplog.at_level(logging.WARNING):
+            assert cache.ensure("a teapot", 2) == 0
+        assert f"{manifest} is missing or damaged; rewriting it" in caplog.text
+        assert json.loads(manifest.read_text())["images"] == ["00000.png", "00001.png"]
 
 
 def test_one_image_per_prompt_evaluates_without_div_when_asked(tmp_path, cache_dir):
@@ -241,6 +261,16 @@ def test_a_truncated_weights_file_in_a_local_model_is_damaged_not_unreachable(tm
         from_pretrained_or_explain(UNet2DConditionModel, str(model), "unet")
     assert f"model.pretrained='{model}' is a damaged model folder" in str(err.value)
     assert "hf download" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_evaluation_reader_with_damaged_weights_names_its_folder(tmp_path):
+    models = tiny_embedding_models(tmp_path)
+    weights = Path(models["dino"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelNotReachable) as err:
+        DinoEmbedder(models["dino"], Preprocess(32, 32, [0.5] * 3, [0.5] * 3), device="cpu")
+    message = str(err.value)
+    assert message.startswith(f"eval.dino.model='{models['dino']}' is a damaged model folder") and "\n" not in message
 
 
 @pytest.mark.slow  # two entry points started: about 40 s on a busy 2-core machine

@@ -32,7 +32,8 @@ from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
 from dreambooth_pl.generate import generate
 from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
 from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
-from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.training.module import DreamBoothModule, TrainingDiverged
+from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.training.job import check_config, train
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 
@@ -235,8 +236,9 @@ def test_nan_loss_stops_with_the_last_good_state(tmp_path, cache_dir, monkeypatc
 
     monkeypatch.setattr(DreamBoothModule, "compute_loss", poisoned)
     cfg = compose_train([*FAST, "trainer.max_steps=10"], tmp_path, cache_dir)
-    with pytest.raises(FloatingPointError, match="at step 3; the last good state is saved in .*last-good.ckpt"):
+    with pytest.raises(TrainingDiverged, match="at step 3; the last good state is saved in .*last-good.ckpt") as err:
         train(cfg)
+    assert isinstance(err.value, ConfigError) and "\n" not in str(err.value)  # train.py: one line, exit 1
     state = torch.load(tmp_path / "checkpoints" / "last-good.ckpt", weights_only=True)
     assert state["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())

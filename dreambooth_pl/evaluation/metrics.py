@@ -146,7 +146,14 @@ class Preprocess:
 def _from_pretrained(cls, model_id: str, option: str, **kwargs):
     try:
         return cls.from_pretrained(model_id, **kwargs)
-    except OSError as err:
+    except Exception as err:  # a truncated weights file raises safetensors' own error, not an OSError
+        if Path(model_id).expanduser().is_dir() and (Path(model_id).expanduser() / "config.json").is_file():
+            raise ModelNotReachable(
+                f"{option}={model_id!r} is a damaged model folder: its weights cannot be read "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). Copy the model folder again."
+            ) from None
+        if not isinstance(err, OSError):
+            raise
         if model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().exists():
             hint = f"{option}={model_id!r} must be a folder written by save_pretrained (config and weights)."
         else:

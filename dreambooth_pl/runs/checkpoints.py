@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ class PreemptionCheckpoint(L.Callback):
     exit with `exit_code` instead of Lightning's 0, so a job script sees that the run did not finish.
 
     Lightning stops at the end of the step during which the signal came; `ckpt_path=last` then resumes
-    exactly where an uninterrupted run would be.
+    exactly where an uninterrupted run would be, wherever in the step or the epoch the signal landed.
     """
 
     def __init__(self, dirpath: str, filename: str = "last", exit_code: int = 143):
@@ -139,10 +140,37 @@ class PreemptionCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        trainer.save_checkpoint(self.path)
+        with as_of_last_batch(trainer):
+            trainer.save_checkpoint(self.path)
         log.error(
             "Stopped by SIGTERM at step %d; saved %s. Resume with ckpt_path=last in the same run folder.",
             trainer.global_step,
             self.path,
         )
         exception.code = self.exit_code
+
+
+@contextmanager
+def as_of_last_batch(trainer: L.Trainer):
+    """The loops' progress as Lightning's own checkpoint at the end of the last batch records it.
+
+    A signal during an epoch's last batch (or its end hooks) stops the run only after the epoch is counted
+    complete. Lightning's restore does not expect that state: it resumes the next epoch as if that epoch's
+    first batches were done, ends it early and shifts every later epoch's data order, so the resumed weights
+    differ. Mid-epoch stops, raised just after a batch, are left as they are.
+    """
+    fit = trainer.fit_loop
+    epochs, batches = fit.epoch_progress, fit.epoch_loop.batch_progress
+    if not 0 < epochs.current.ready == epochs.current.processed:
+        yield
+        return
+    counters = [(t, "processed") for t in (epochs.current, epochs.total)]
+    counters += [(t, "completed") for t in (epochs.current, epochs.total, batches.current, batches.total)]
+    counters += [(fit.epoch_loop, "_batches_that_stepped")]
+    for owner, name in counters:
+        setattr(owner, name, getattr(owner, name) - 1)
+    try:
+        yield
+    finally:
+        for owner, name in counters:
+            setattr(owner, name, getattr(owner, name) + 1)

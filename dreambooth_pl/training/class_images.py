@@ -104,6 +104,9 @@ class ClassImageCache:
         share = "" if world_size == 1 else f" (rank {rank} of {world_size})"
         if not todo:
             log.info("Class images: all %d for %r are cached in %s%s", num_images, prompt, folder, share)
+            if world_size == 1 and not self.manifest_lists(prompt, num_images):
+                log.warning("Class images: %s is missing or damaged; rewriting it", folder / MANIFEST)
+                self.write_manifest(prompt, num_images)
             return 0
         log.info("Class images: generating %d of %d for %r into %s%s", len(todo), num_images, prompt, folder, share)
         for stale in folder.glob(".*.png"):  # temporary files of a run that was killed mid-write
@@ -122,6 +125,15 @@ class ClassImageCache:
         if world_size == 1:
             self.write_manifest(prompt, num_images)
         return len(todo)
+
+    def manifest_lists(self, prompt: str, num_images: int) -> bool:
+        """Whether the manifest reads whole and lists the first `num_images` images (a record that a disk
+        error or a hand edit damaged is rebuilt rather than left to mislead whoever reads it)."""
+        try:
+            manifest = json.loads((self.folder(prompt) / MANIFEST).read_text())
+            return {p.name for p in self.paths(prompt, num_images)} <= set(manifest["images"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def write_manifest(self, prompt: str, num_images: int) -> None:
         """Record the key and the images present; files appear by atomic rename, so readers see a whole one."""

@@ -50,8 +50,16 @@ def prior_active(prior: DictConfig) -> bool:
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would only fail after minutes of work."""
     problems = non_finite(cfg)
-    if not 0 <= cfg.seed < 2**32:
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        problems.append(f"seed={cfg.seed} must be a whole number")
+    elif not 0 <= cfg.seed < 2**32:
         problems.append(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
+    token, nouns = cfg.identifier.token, {cfg.subject.class_noun, cfg.prompts.instance_class_noun}
+    if token is not None and str(token).strip().lower() in {str(n).strip().lower() for n in nouns if n}:
+        problems.append(
+            f"identifier.token={token!r} is the class noun: the identifier must be a rare word the model does "
+            "not know, or the subject overwrites the class (identifier=auto finds one)"
+        )
     lr = OmegaConf.select(cfg, "module.optimizer.lr")
     if lr is not None and not lr > 0:
         problems.append(f"module.optimizer.lr={lr} must be > 0")

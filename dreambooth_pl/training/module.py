@@ -22,9 +22,14 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from dreambooth_pl.models.families import Components, PromptEmbeddings, get_family
 from dreambooth_pl.training.losses import DreamBoothLoss, dreambooth_loss, offset_noise
 from dreambooth_pl.training.methods import FineTuneMethod
+from dreambooth_pl.util.config import ConfigError
 
 log = logging.getLogger(__name__)
 HALF_PRECISIONS = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+class TrainingDiverged(ConfigError, FloatingPointError):
+    """The loss became NaN or infinite: a setting (learning rate, precision) to change, said in one line."""
 
 
 def quantized_denoiser(quantize_base: str | None) -> dict | None:
@@ -140,6 +145,7 @@ class DreamBoothModule(L.LightningModule):
         self.seed = seed
         self.noise_generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
+        self._accumulated: dict[str, torch.Tensor] = {}
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -207,11 +213,19 @@ class DreamBoothModule(L.LightningModule):
         log.info("module.free_text_encoders: %d prompts cached, text encoders freed", len(self._text_cache))
 
     def on_train_start(self) -> None:
+        # Lightning keeps the modes the loaded models came in (eval): without this the denoiser would train in
+        # eval mode until the first sample grid's `train()`, so a resumed run's numbers would depend on
+        # whether a grid was drawn since the start of the process.
+        self.train()
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
         if self._generator_state is not None:
             states = self._generator_state  # one row per rank; a single state from older checkpoints
             self.noise_generator.set_state(states[self.global_rank].clone() if states.dim() == 2 else states)
             self._generator_state = None
+        for name, param in self.named_parameters():
+            if name in self._accumulated:
+                param.grad = self._accumulated[name].to(param.device, param.dtype)
+        self._accumulated = {}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -294,7 +308,7 @@ class DreamBoothModule(L.LightningModule):
             # The weights still hold the last good step: keep them before stopping.
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
             self.trainer.save_checkpoint(path)
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"Training loss became non-finite ({loss.total.item()} on rank {self.global_rank}) at step "
                 f"{self.global_step}; the last good state is saved in {path}. Lower module.optimizer.lr or set "
                 "trainer.gradient_clip_val."
@@ -330,9 +344,15 @@ class DreamBoothModule(L.LightningModule):
             if self.trainer.world_size > 1:
                 state = self.all_gather(state.to(self.device)).cpu()
             checkpoint["noise_generator_state"] = state
+        if self.trainer.world_size == 1 and self.trainer.fit_loop.epoch_loop._should_accumulate():
+            # Stopped inside a gradient-accumulation window (SIGTERM): the window's gradients so far, which the
+            # resumed run adds to before its optimizer step.
+            grads = {name: p.grad for name, p in self.named_parameters() if p.requires_grad and p.grad is not None}
+            checkpoint["accumulated_gradients"] = grads
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._generator_state = checkpoint.get("noise_generator_state")
+        self._accumulated = checkpoint.get("accumulated_gradients", {})
 
     def pipeline(self) -> DiffusionPipeline:
         """An inference pipeline that shares this module's current weights."""
