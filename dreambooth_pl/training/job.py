@@ -19,7 +19,7 @@ from dreambooth_pl.util.config import ConfigError, log_paths, non_finite, resolv
 from dreambooth_pl.util.console import one_console_handler
 from dreambooth_pl.util.images import list_images
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.evaluation.evaluate import check_eval_config, evaluate_run, run_meta_from_config
+from dreambooth_pl.evaluation.evaluate import check_eval_config, evaluate_run, retire_eval, run_meta_from_config
 from dreambooth_pl.runs.export import recover_exports
 from dreambooth_pl.models.families import get_family
 from dreambooth_pl.generate import generate
@@ -63,8 +63,6 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     if cfg.sampler.resolution != cfg.model.resolution and (cfg.sampler.resolution % 8 or cfg.sampler.resolution < 8):
         problems.append(f"sampler.resolution={cfg.sampler.resolution} must be a positive multiple of 8")
-    if cfg.eval.enabled and not os.path.isfile(cfg.eval.prompts_file):
-        problems.append(f"eval.prompts_file={cfg.eval.prompts_file!r} does not exist (the dataset's prompt list)")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         problems.append(f"cpu_threads={cfg.cpu_threads} must be >= 1 (or null for torch's default)")
     if cfg.trainer.max_steps < 1:
@@ -304,6 +302,7 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
             "method": method.name,
             "steps": trainer.global_step,
         }
+        retire_eval(output_dir)
         result["pipeline"] = str(method.export(module, output_dir, run_info))
         log.info("Exported the fine-tuned model (%s) to %s", method.name, result["pipeline"])
         if cfg.export.samples.prompts:
