@@ -37,13 +37,21 @@ def test_a_missing_dataset_subject_says_how_to_get_the_dataset_before_any_warnin
     assert "not from the toy world" not in output
 
 
-def test_evaluate_takes_a_toy_runs_evaluation_from_its_model_and_names_a_wrong_eval(tmp_path):
-    """A real toy run from train.py, evaluated with only run_dir=: the toy world's prompts and readers (conf/
-    model/toy.yaml picks eval=toy); eval=default on it is one line naming the option, before any rendering."""
+def wandb_line(output: str) -> str:
+    """The closing message's `W&B:` line."""
+    return next(line for line in output.splitlines() if line.strip().startswith("W&B: "))
+
+
+def test_a_toy_run_evaluated_then_trained_further(tmp_path):
+    """A real toy run from train.py (W&B offline). Evaluated with only run_dir=: the toy world's prompts and
+    readers (conf/model/toy.yaml picks eval=toy); eval=default on it is one line naming the option, before any
+    rendering. Trained further: the earlier model's eval/ moves to eval_history/0/, and the closing W&B line
+    names both offline folders of the run."""
     run = tmp_path / "run"
-    train = [str(REPO / "train.py"), f"hydra.run.dir={run}", "logger=none", "trainer.max_steps=2"]
-    train += ["prior.enabled=false", "export.samples.prompts=[]", "callbacks.samples.every_n_steps=0"]
-    run_module(train, tmp_path, expect=0)
+    train = [str(REPO / "train.py"), f"hydra.run.dir={run}", "prior.enabled=false", "export.samples.prompts=[]"]
+    train += ["callbacks.samples.every_n_steps=0", "logger.wandb.mode=offline"]
+    first = run_module([*train, "trainer.max_steps=2"], tmp_path, expect=0)
+    assert len(wandb_line(first).split()) == 4  # W&B: wandb sync <one folder>
     quick = ["eval.num_prompts=1", "eval.pres.num_images=2", "eval.sampler.num_inference_steps=2", "logger.wandb=null"]
     evaluate = ["-m", "dreambooth_pl.evaluate", f"run_dir={run}", *quick, f"hydra.run.dir={tmp_path / 'log'}"]
 
@@ -59,3 +67,10 @@ def test_evaluate_takes_a_toy_runs_evaluation_from_its_model_and_names_a_wrong_e
     assert Path(record["metadata"]["clip_model"]) == toyworld / "clip"
     assert record["metadata"]["model"] == "toy" and record["div_backend"] == "vae"
     assert record["metadata"]["sampler"]["guidance_scale"] == 5.0  # conf/eval/toy.yaml's, not the paper's 7.5
+
+    further = run_module([*train, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=3"], tmp_path, 0)
+    assert not (run / "eval").exists()
+    assert json.loads((run / "eval_history" / "0" / "metrics.json").read_text())["metadata"]["steps"] == 2
+    assert json.loads((run / "pipeline" / "dreambooth.json").read_text())["steps"] == 3
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and wandb_line(further).split()[3:] == [str(f.resolve()) for f in folders]

@@ -591,7 +591,8 @@ def with_run_model(cfg: DictConfig) -> DictConfig:
     return compose("evaluate", [*overrides, f"model={model}"])
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+# by absolute path: as `python -m dreambooth_pl.evaluate` imports this module, a relative one would be a package
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     exit_on_config_error(lambda: evaluate_from_config(with_run_model(cfg)))
 

@@ -210,7 +210,7 @@ def load_pipeline(
             family_of_pipeline(type(pipe).__name__).load_textual_inversion(pipe, folder)
         return pipe
     check_pretrained(pretrained)
-    extra = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    extra = {"dtype": getattr(torch, dtype)} if dtype else {}
     if vae:
         extra["vae"] = from_pretrained_or_explain(AutoencoderKL, vae, None, **extra)
     # model_index.json names the pipeline class, and so the family (exports carry no config)
