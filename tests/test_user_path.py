@@ -74,3 +74,23 @@ def test_a_toy_run_evaluated_then_trained_further(tmp_path):
     assert json.loads((run / "pipeline" / "dreambooth.json").read_text())["steps"] == 3
     folders = sorted((run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and wandb_line(further).split()[3:] == [str(f.resolve()) for f in folders]
+
+
+def test_a_sweep_job_is_refused_a_folder_another_run_holds(tmp_path):
+    """Sweep jobs take their folder's lock like single runs: job 0's folder, held by another process, stops the
+    sweep with one line naming the folder and the holder's pid, before any training."""
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    code = "import sys, time; from dreambooth_pl.runs.files import ProcessLock; "
+    code += "ProcessLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(job / ".run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = [str(REPO / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=1,2", "logger=none"]
+        args += ["prior.enabled=false", "export.enabled=false", "trainer.max_steps=1"]
+        output = run_module(args, tmp_path, expect=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"{job} is in use by another run (pid {holder.pid})" in output, output
+    assert not (job / "checkpoints").exists() and not (tmp_path / "sweep" / "1").exists()

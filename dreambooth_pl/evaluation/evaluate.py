@@ -582,12 +582,14 @@ def with_run_model(cfg: DictConfig) -> DictConfig:
     if model not in known or "model" in groups:  # a model without a config file: its evaluation is eval=
         return cfg
     asked = groups.get("eval")
-    picked = compose("evaluate", [o for o in overrides if o != asked] + [f"model={model}"], return_hydra_config=True)
-    if asked is not None and asked.split("=", 1)[1] != picked.hydra.runtime.choices.eval:
-        raise ConfigError(
-            f"{asked}: the run in {run_dir} was trained with model={model}, which is evaluated with "
-            f"eval={picked.hydra.runtime.choices.eval}; drop {asked} (or pass model= to evaluate it as another model)."
-        )
+    if asked is not None:
+        others = [o for o in overrides if o != asked]
+        picked = compose("evaluate", [*others, f"model={model}"], return_hydra_config=True).hydra.runtime.choices.eval
+        if asked.split("=", 1)[1] != picked:
+            raise ConfigError(
+                f"{asked}: the run in {run_dir} was trained with model={model}, which is evaluated with "
+                f"eval={picked}; drop {asked} (or pass model= to evaluate it as another model)."
+            )
     return compose("evaluate", [*overrides, f"model={model}"])
 
 
