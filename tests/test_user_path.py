@@ -35,6 +35,7 @@ def test_a_missing_dataset_subject_says_how_to_get_the_dataset_before_any_warnin
     assert f"git clone --depth 1 https://github.com/google/dreambooth {empty}" in first, output
     assert "DREAMBOOTH_ROOT" in first and "Traceback" not in output
     assert "not from the toy world" not in output
+    assert not run.exists()
 
 
 def wandb_line(output: str) -> str:
