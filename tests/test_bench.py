@@ -79,7 +79,9 @@ def test_threads_bench_runs_torch_default_then_one_thread(tmp_path, cache_dir):
     from dreambooth_pl.util.config import ConfigError
 
     cfg = compose_bench(
-        ["bench=threads", "subject=teapot", "bench.steps=2", "bench.warmup=1", "prior.num_images=2"], tmp_path, cache_dir
+        ["bench=threads", "subject=teapot", "bench.steps=2", "bench.warmup=1", "prior.num_images=2"],
+        tmp_path,
+        cache_dir,
     )
     before = torch.get_num_threads()
     try:

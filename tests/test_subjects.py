@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.conftest import DREAMBOOTH_ROOT, needs_real_dataset
 from dreambooth_pl.toyworld import demo_subject
 from dreambooth_pl.toyworld.demo_subject import demo_instance_dir, render_demo_subject
+from tests.conftest import DREAMBOOTH_ROOT, needs_real_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT_DIR = REPO / "conf" / "subject"
@@ -23,7 +23,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 SPECIAL = {"demo", "custom"}
 KEYS = {"name", "instance_dir", "class_noun", "wrong_class_noun"}
 HEADER = "# DreamBooth dataset subject (class from prompts_and_classes.txt)"
-
 
 
 def toy_subject_files() -> list[Path]:

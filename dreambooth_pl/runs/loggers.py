@@ -8,10 +8,10 @@ W&B run (`wandb/dreambooth_run.json`) so a resume and a later evaluation continu
 from __future__ import annotations
 
 import json
-import shlex
 import logging
 import netrc
 import os
+import shlex
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
