@@ -166,15 +166,17 @@ def run_bench(cfg: DictConfig) -> dict:
         measure = plain_loop_steps_per_s if spec.get("plain_loop") else trainer_steps_per_s
         L.seed_everything(cfg.seed)
         steps_per_s, peak = measure(vcfg, bench.steps, bench.warmup, device)
-        rows.append({"variant": name, "steps_per_s": steps_per_s, "peak_mib": peak})
-        log.info("%s: %.2f steps/s, peak %.0f MiB", name, steps_per_s, peak)
+        rows.append({"variant": name, "threads": torch.get_num_threads(), "steps_per_s": steps_per_s, "peak_mib": peak})
+        log.info("%s: %d threads, %.2f steps/s, peak %.0f MiB", name, rows[-1]["threads"], steps_per_s, peak)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    generation = {
-        "class_images_per_s": images_per_s(cfg, sampler, bench.images, device, bench.generation_dtype),
-        "eval_images_per_s": images_per_s(
-            cfg, {**sampler, **bench.eval_sampler}, bench.images, device, bench.generation_dtype
-        ),
-    }
+    generation = {}
+    if bench.images:
+        generation = {
+            "class_images_per_s": images_per_s(cfg, sampler, bench.images, device, bench.generation_dtype),
+            "eval_images_per_s": images_per_s(
+                cfg, {**sampler, **bench.eval_sampler}, bench.images, device, bench.generation_dtype
+            ),
+        }
     reference = next((r for r in rows if r["variant"] == bench.reference), None)
     for row in rows:
         row["vs_reference"] = row["steps_per_s"] / reference["steps_per_s"] if reference else None
@@ -199,17 +201,20 @@ def markdown(result: dict, reference: str) -> str:
     lines = [
         f"device: {result['device']}; model: {result['model']} at {result['resolution']} px; batch: {result['batch']}",
         "",
-        f"| variant | steps/s | vs {reference} | peak memory (MiB) |",
-        "| --- | ---: | ---: | ---: |",
+        f"| variant | torch threads | steps/s | vs {reference} | peak memory (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
         ratio = f"{row['vs_reference']:.2f}x" if row["vs_reference"] else "-"
-        lines.append(f"| {row['variant']} | {row['steps_per_s']:.2f} | {ratio} | {row['peak_mib']:.0f} |")
-    lines += [
-        "",
-        f"class images/s: {result['class_images_per_s']:.2f}; eval images/s: {result['eval_images_per_s']:.2f}",
-        "",
-    ]
+        lines.append(
+            f"| {row['variant']} | {row['threads']} | {row['steps_per_s']:.2f} | {ratio} | {row['peak_mib']:.0f} |"
+        )
+    if "class_images_per_s" in result:
+        lines += [
+            "",
+            f"class images/s: {result['class_images_per_s']:.2f}; eval images/s: {result['eval_images_per_s']:.2f}",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -69,15 +69,16 @@ def synthetic_dreambooth_root(root: Path) -> Path:
 def find_dreambooth_root() -> tuple[Path, str]:
     """The DreamBooth dataset where the project finds it, else ../shared, else the synthetic stand-in
     (always with DREAMBOOTH_PL_TEST_DATA=synthetic)."""
-    found = [(_project_dreambooth_root(), "paths.dreambooth_root"), (SHARED / "dreambooth", "../shared")]
-    for root, how in found if os.environ.get("DREAMBOOTH_PL_TEST_DATA") != "synthetic" else []:
-        if (root / "dataset" / "prompts_and_classes.txt").is_file():
-            return root, f"the DreamBooth dataset at {root} ({how})"
+    if os.environ.get("DREAMBOOTH_PL_TEST_DATA") == "synthetic":
+        why = "DREAMBOOTH_PL_TEST_DATA=synthetic"
+    else:
+        found = [(_project_dreambooth_root(), "paths.dreambooth_root"), (SHARED / "dreambooth", "../shared")]
+        for root, how in found:
+            if (root / "dataset" / "prompts_and_classes.txt").is_file():
+                return root, f"the DreamBooth dataset at {root} ({how})"
+        why = "no DreamBooth dataset at " + " or ".join(f"{root} ({how})" for root, how in found)
     root = synthetic_dreambooth_root(Path(tempfile.gettempdir()) / "dreambooth-pl-tests" / "synthetic-dataset-v1")
-    return root, (
-        f"a synthetic dataset-shaped stand-in at {root} (no DreamBooth dataset under $DREAMBOOTH_ROOT, "
-        "data/dreambooth or ../shared/dreambooth; tests of the published data are skipped)"
-    )
+    return root, f"a synthetic dataset-shaped stand-in at {root} ({why}; tests of the published data are skipped)"
 
 
 def find_clip_bpe() -> Path:
@@ -91,14 +92,15 @@ DREAMBOOTH_ROOT, DATASET_SOURCE = find_dreambooth_root()
 REAL_DATASET = not DATASET_SOURCE.startswith("a synthetic")
 CLIP_BPE = find_clip_bpe()
 CLIP_BPE_MISSING = (
-    f"CLIP BPE file not found: download {CLIP_BPE_URL} to data/clip-bpe/{CLIP_BPE_NAME} (or set $CLIP_BPE)"
+    f"CLIP BPE file not found at $CLIP_BPE, {REPO / 'data' / 'clip-bpe'} or {SHARED / 'clip-bpe'}: download "
+    f"{CLIP_BPE_URL} to data/clip-bpe/{CLIP_BPE_NAME} (or set $CLIP_BPE)"
 )
 
 # always true now (the synthetic stand-in fills in); kept for the tests that read dataset folders
 needs_dataset = pytest.mark.skipif(not (DREAMBOOTH_ROOT / "dataset").is_dir(), reason="no dataset-shaped data")
 # the published photos and prompts themselves
 needs_real_dataset = pytest.mark.skipif(
-    not REAL_DATASET, reason="checks the published DreamBooth photos or prompts; the data line names what was found"
+    not REAL_DATASET, reason=f"checks the published DreamBooth photos or prompts; the tests ran on {DATASET_SOURCE}"
 )
 needs_clip_bpe = pytest.mark.skipif(not CLIP_BPE.is_file(), reason=CLIP_BPE_MISSING)
 

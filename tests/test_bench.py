@@ -67,3 +67,30 @@ def test_bench_runs_on_each_family(model, tmp_path, cache_dir):
     result = run_bench(cfg)
     assert result["model"] == model
     assert all(row["steps_per_s"] > 0 for row in result["rows"]) and result["class_images_per_s"] > 0
+
+
+@needs_dataset
+def test_threads_bench_runs_torch_default_then_one_thread(tmp_path, cache_dir):
+    """bench=threads: each row trains with its cpu_threads (torch's default row keeps what the process had), and
+    no generation figures are made; a run's cpu_threads below 1 is named before any work."""
+    import torch
+
+    from dreambooth_pl.training.job import build_run
+    from dreambooth_pl.util.config import ConfigError
+
+    cfg = compose_bench(
+        ["bench=threads", "subject=teapot", "bench.steps=2", "bench.warmup=1", "prior.num_images=2"],
+        tmp_path,
+        cache_dir,
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = run_bench(cfg)
+    finally:
+        torch.set_num_threads(before)
+    assert [(row["variant"], row["threads"]) for row in result["rows"]] == [("torch default", 2), ("1 thread", 1)]
+    assert all(row["steps_per_s"] > 0 for row in result["rows"]) and "class_images_per_s" not in result
+    assert "| 1 thread | 1 |" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(ConfigError, match=r"cpu_threads=0 must be >= 1"):
+        build_run(variant_config(cfg, ["cpu_threads=0"]))

@@ -14,20 +14,15 @@ from PIL import Image
 
 from dreambooth_pl.toyworld import demo_subject
 from dreambooth_pl.toyworld.demo_subject import demo_instance_dir, render_demo_subject
+from tests.conftest import DREAMBOOTH_ROOT, needs_real_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT_DIR = REPO / "conf" / "subject"
-DREAMBOOTH_ROOT = Path(__file__).resolve().parents[2] / "shared" / "dreambooth"
 DATASET = DREAMBOOTH_ROOT / "dataset"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 SPECIAL = {"demo", "custom"}
 KEYS = {"name", "instance_dir", "class_noun", "wrong_class_noun"}
 HEADER = "# DreamBooth dataset subject (class from prompts_and_classes.txt)"
-
-needs_dataset = pytest.mark.skipif(
-    not (DATASET / "prompts_and_classes.txt").is_file(),
-    reason=f"DreamBooth dataset not present at {DATASET}",
-)
 
 
 def toy_subject_files() -> list[Path]:
@@ -76,7 +71,7 @@ def test_thirty_dataset_subject_configs_with_exact_keys():
         assert OmegaConf.to_container(cfg)["instance_dir"] == f"${{paths.dreambooth_root}}/dataset/{f.stem}"
 
 
-@needs_dataset
+@needs_real_dataset
 def test_subject_configs_match_prompts_and_classes():
     table = read_class_table()
     assert len(table) == 30
@@ -87,7 +82,7 @@ def test_subject_configs_match_prompts_and_classes():
         assert configs[name].class_noun == cls, name
 
 
-@needs_dataset
+@needs_real_dataset
 @pytest.mark.parametrize("path", dataset_subject_files(), ids=lambda p: p.stem)
 def test_instance_dir_resolves_to_folder_with_images(path):
     cfg = resolved(path, {"dreambooth_root": str(DREAMBOOTH_ROOT), "cache_dir": "/unused"})
@@ -133,7 +128,7 @@ def test_demo_config_instantiates_to_render_folder_without_dataset(tmp_path):
     assert len(image_files(Path(out))) == cfg.subject.instance_dir.num_images
 
 
-@needs_dataset
+@needs_real_dataset
 def test_demo_config_instantiates_to_dataset_teapot(tmp_path):
     cfg = OmegaConf.merge(
         OmegaConf.create({"paths": {"dreambooth_root": str(DREAMBOOTH_ROOT), "cache_dir": str(tmp_path / "cache")}}),
@@ -257,6 +252,6 @@ def test_demo_instance_dir_renders_when_dataset_absent(tmp_path, caplog, make_em
     assert "render" in caplog.text
 
 
-@needs_dataset
+@needs_real_dataset
 def test_demo_instance_dir_uses_real_teapot(tmp_path):
     assert demo_instance_dir(str(DATASET / "teapot"), str(tmp_path / "render")) == str(DATASET / "teapot")

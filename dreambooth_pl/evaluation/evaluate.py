@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from dreambooth_pl.util.config import ConfigError, non_finite
-from dreambooth_pl.evaluation.protocol import EvalPrompt, read_class_table, subject_prompts
+from dreambooth_pl.evaluation.protocol import EvalPrompt, read_class_table, read_prompt_lists, subject_prompts
 from dreambooth_pl.runs.export import read_run_info
 from dreambooth_pl.runs.files import ProcessLock, atomic_file
 from dreambooth_pl.util.images import image_grid, is_readable_image, list_images, load_rgb, save_atomically
@@ -232,6 +232,7 @@ def check_eval_config(cfg: DictConfig) -> None:
             problems.append(f"eval.{option}={OmegaConf.select(cfg, option)} must be between 0 and 2**32 - 1")
     if problems:
         raise ConfigError("Invalid eval config:\n  " + "\n  ".join(problems))
+    read_prompt_lists(cfg.prompts_file)  # a missing or foreign prompts file, named now
     if cfg.real_images_dir:
         list_images(cfg.real_images_dir, option="eval.real_images_dir")  # a missing or empty folder, named now
 
@@ -457,6 +458,19 @@ def _log_to(
         logger.save()
 
 
+def retire_eval(output_dir: str | os.PathLike) -> Path | None:
+    """Before a run folder gets a new export: its `eval/` scored the model being replaced, so it moves to
+    `eval_history/<n>/` (kept, out of the report's sight) rather than stand beside the new model."""
+    eval_dir, history = Path(output_dir) / "eval", Path(output_dir) / "eval_history"
+    if not eval_dir.is_dir():
+        return None
+    history.mkdir(exist_ok=True)
+    target = history / str(len(list(history.iterdir())))
+    os.replace(eval_dir, target)
+    log.info("The earlier model's evaluation moved to %s", target)
+    return target
+
+
 def find_export(run_dir: str | os.PathLike) -> Path:
     """The exported model of a training run: the subfolder holding dreambooth.json (pipeline/ when several)."""
     if not Path(run_dir).is_dir():
@@ -473,6 +487,7 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     """The standalone job: resolve the export, the subject and the real photos, then `evaluate_run`."""
     if not (cfg.run_dir or cfg.pipeline):
         raise ConfigError("Set run_dir=<training run folder> or pipeline=<exported model folder>.")
+    check_eval_config(cfg.eval)
     if cfg.pipeline and not Path(cfg.pipeline).is_dir():
         raise ConfigError(f"pipeline={cfg.pipeline!r}: no such folder.")
     pipeline = Path(cfg.pipeline) if cfg.pipeline else find_export(cfg.run_dir)
@@ -525,4 +540,31 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     finally:
         close_loggers(loggers, succeeded)
     return result
+
+
+def with_run_model(cfg: DictConfig) -> DictConfig:
+    """The config composed again with the training run's `model=`, whose file sets the evaluation defaults as
+    in train.py (model=toy: eval=toy). An `eval=` that the run's model would not pick is refused, naming it."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = cfg.run_dir or (cfg.pipeline and Path(cfg.pipeline).parent)
+    saved = saved_run_config(run_dir) if run_dir else None
+    model = OmegaConf.select(saved, "model.name", default=None) if saved is not None else None
+    overrides = list(HydraConfig.get().overrides.task)
+    groups = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
+    known = GlobalHydra.instance().config_loader().get_group_options("model")
+    if model not in known or "model" in groups:  # a model without a config file: its evaluation is eval=
+        return cfg
+    asked = groups.get("eval")
+    if asked is not None:
+        others = [o for o in overrides if o != asked]
+        picked = compose("evaluate", [*others, f"model={model}"], return_hydra_config=True).hydra.runtime.choices.eval
+        if asked.split("=", 1)[1] != picked:
+            raise ConfigError(
+                f"{asked}: the run in {run_dir} was trained with model={model}, which is evaluated with "
+                f"eval={picked}; drop {asked} (or pass model= to evaluate it as another model)."
+            )
+    return compose("evaluate", [*overrides, f"model={model}"])
 

@@ -27,10 +27,14 @@ class EvalPrompt:
     clip_text: str  # for CLIP-T: without the identifier (CLIP has never seen "sks"), with the real class noun
 
 
+class PromptsFileMissing(ConfigError, FileNotFoundError):
+    """A setting (one line, no traceback) that is also the missing file it is."""
+
+
 def _read(path: str | os.PathLike, option: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise PromptsFileMissing(
             f"{option}={str(path)!r}: no such file. It ships with the DreamBooth dataset "
             "(git clone --depth 1 https://github.com/google/dreambooth); set paths.dreambooth_root or the option."
         )

@@ -76,7 +76,7 @@ def load_pipeline(
         return pipe
     check_pretrained(pretrained)
     dtype = inference_dtype(pretrained, device, dtype, revision, variant)
-    extra = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    extra = {"dtype": getattr(torch, dtype)} if dtype else {}
     if vae:
         extra["vae"] = from_pretrained_or_explain(AutoencoderKL, vae, None, **extra)
     # model_index.json names the pipeline class, and so the family (exports carry no config)

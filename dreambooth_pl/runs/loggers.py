@@ -12,6 +12,7 @@ import logging
 import netrc
 import os
 import re
+import shlex
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -177,11 +178,15 @@ def wandb_logger(
 
 
 def wandb_location(loggers: list[Logger]) -> str | None:
-    """Where a W&B run's data is: its URL when online, else the `wandb sync` command that uploads it."""
+    """Where a W&B run's data is: its URL when online, else the `wandb sync` command that uploads it, with
+    every offline folder of the run (each resume and standalone evaluation of it writes one more)."""
     for logger in loggers:
         if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
             run = logger.experiment
-            return f"wandb sync {Path(run.settings.sync_dir).resolve()}" if run.offline else run.url
+            if not run.offline:
+                return run.url
+            folders = sorted(Path(run.settings.sync_dir).resolve().parent.glob(f"offline-run-*-{run.id}"))
+            return "wandb sync " + " ".join(shlex.quote(str(folder)) for folder in folders)
     return None
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from dreambooth_pl.runs.files import ProcessLock
@@ -225,8 +226,15 @@ class RunRecord(Callback):
             raise ConfigError(f"{source}: its saved overrides do not compose: {err}") from None
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:  # a sweep's job folder is a run folder too: one run in it
+            exit_on_config_error(lambda: self.take(Path(config.hydra.runtime.output_dir)))
         for note in self.notes:  # Hydra's logging is configured only now
             log.info(note)
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN and self.lock is not None:  # the sweep's next job takes its own
+            self.lock.release()
+            self.lock = None
 
     def keep_record(self, record: Path) -> None:
         history = record / "history"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,8 +32,14 @@ FAILED = "job_failed.json"  # in a job's folder: its overrides and error
 def run_entry_point(job: Callable[[], T], fail_fast: bool = False) -> T | None:
     """The task function's body: a single run ends on a bad setting with its message (exit 1); a sweep's job
     records its failure and returns, unless `fail_fast`."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not HydraConfig.initialized():
         return exit_on_config_error(job)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        try:
+            return exit_on_config_error(job)
+        except SystemExit:
+            remove_if_untouched(Path(HydraConfig.get().runtime.output_dir))
+            raise
     try:
         return job()
     except Exception as err:  # SystemExit (SIGTERM, a stop) and KeyboardInterrupt end the sweep
@@ -46,6 +53,15 @@ def run_entry_point(job: Callable[[], T], fail_fast: bool = False) -> T | None:
         if fail_fast:
             sys.exit(f"fail_fast=true: stopping the sweep at job {hydra.job.num}.")
         return None
+
+
+def remove_if_untouched(run_dir: Path) -> None:
+    """A new run folder refused on its settings holds only what Hydra wrote before the job (its config record,
+    the log of the refusal, the lock): gone with the run, as the console said why. A resumed folder is kept."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", ".run.lock"}:
+        if not (run_dir / ".hydra" / "history").exists():
+            shutil.rmtree(run_dir)
+            log.info("Removed the run folder %s: nothing was written to it.", run_dir)
 
 
 def one_line(message: str) -> str:

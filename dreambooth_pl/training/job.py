@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from dreambooth_pl.runs.checkpoints import check_checkpoint_fits, resolve_ckpt_path
 from dreambooth_pl.util.config import ConfigError, log_paths, non_finite, resolve_path
 from dreambooth_pl.util.console import one_console_handler
+from dreambooth_pl.util.images import list_images
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.evaluation.evaluate import check_eval_config, evaluate_run, run_meta_from_config
+from dreambooth_pl.evaluation.evaluate import check_eval_config, evaluate_run, retire_eval, run_meta_from_config
 from dreambooth_pl.runs.export import recover_exports
 from dreambooth_pl.models.families import get_family
 from dreambooth_pl.generate import generate
@@ -74,8 +75,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     if cfg.sampler.resolution != cfg.model.resolution and (cfg.sampler.resolution % 8 or cfg.sampler.resolution < 8):
         problems.append(f"sampler.resolution={cfg.sampler.resolution} must be a positive multiple of 8")
-    if cfg.eval.enabled and not os.path.isfile(cfg.eval.prompts_file):
-        problems.append(f"eval.prompts_file={cfg.eval.prompts_file!r} does not exist (the dataset's prompt list)")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+        problems.append(f"cpu_threads={cfg.cpu_threads} must be >= 1 (or null for torch's default)")
     if cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
     if cfg.prior.weight < 0:
@@ -160,6 +161,20 @@ def require_models(cfg: DictConfig, pretrained: str) -> None:
         require_reachable(cfg.eval.clip.model, "eval.clip.model")
 
 
+def require_photos(cfg: DictConfig, instance_dir: str) -> None:
+    """The subject's photos, found before anything is said about them; a DreamBooth dataset subject whose
+    folder is missing says how to get the dataset."""
+    root = Path(cfg.paths.dreambooth_root).resolve()
+    if not Path(instance_dir).is_dir() and Path(instance_dir).resolve().is_relative_to(root):
+        raise ConfigError(
+            f"subject.instance_dir={instance_dir!r}: folder does not exist. subject={cfg.subject.name} is from the "
+            f"DreamBooth dataset, looked for in paths.dreambooth_root={str(root)!r} ($DREAMBOOTH_ROOT, else "
+            f"data/dreambooth in the project): get it with `git clone --depth 1 https://github.com/google/dreambooth "
+            f"{root}`, or set DREAMBOOTH_ROOT to a clone."
+        )
+    list_images(instance_dir)
+
+
 def warn_toy_model_on_photos(cfg: DictConfig, pretrained: str, instance_dir: str) -> None:
     """The toy model knows only the toy world's cartoons: fine-tuned on photos from elsewhere it draws blobs,
     which reads as "DreamBooth does not work". Said before any work, with the command for a real model."""
@@ -173,6 +188,14 @@ def warn_toy_model_on_photos(cfg: DictConfig, pretrained: str, instance_dir: str
         "add `model=sd15 trainer=gpu` to this command (or model.pretrained=<a local diffusers folder>).",
         photos,
     )
+
+
+def use_cpu_threads(cfg: DictConfig) -> None:
+    """torch's intra-op threads for a run on the CPU. The inter-op pool is left alone: it serves only
+    torch.jit.fork, which nothing here calls."""
+    on_gpu = cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
+    if cfg.cpu_threads is not None and not on_gpu:
+        torch.set_num_threads(cfg.cpu_threads)
 
 
 @dataclass
@@ -190,7 +213,9 @@ class Run:
 def build_run(cfg: DictConfig) -> Run:
     """Checks, prompts, data and model, in the order that reports bad input before loading weights."""
     check_config(cfg)
+    use_cpu_threads(cfg)
     instance_dir = resolve_path(cfg.subject.instance_dir)
+    require_photos(cfg, instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
     warn_toy_model_on_photos(cfg, pretrained, instance_dir)
     require_models(cfg, pretrained)
@@ -296,6 +321,7 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
             "method": method.name,
             "steps": trainer.global_step,
         }
+        retire_eval(output_dir)
         result["pipeline"] = str(method.export(module, output_dir, run_info, cfg.export.dtype))
         log.info("Exported the fine-tuned model (%s) to %s", method.name, result["pipeline"])
         if cfg.export.samples.prompts:

@@ -43,7 +43,7 @@ def quantized_denoiser(quantize_base: str | None) -> dict | None:
     from diffusers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return {"quantization_config": config, "torch_dtype": torch.bfloat16}
+    return {"quantization_config": config, "dtype": torch.bfloat16}
 
 
 def enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:

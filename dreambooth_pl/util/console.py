@@ -24,7 +24,6 @@ QUIET_LOGS = {
 # warning message regexes (matched from the start) that come from inside the libraries
 QUIET_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    r"`torch_dtype` is deprecated",
     r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 
