@@ -27,7 +27,7 @@ from dreambooth_pl.runs.loggers import close_loggers, wandb_location
 from dreambooth_pl.training.methods import FineTuneMethod, TextualInversion
 from dreambooth_pl.models.pipelines import load_tokenizer, require_reachable
 from dreambooth_pl.training.module import DreamBoothModule
-from dreambooth_pl.training.validation import Validation, check_validation, validation_prompts
+from dreambooth_pl.training.validation import Validation, validation_problems, validation_prompts
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,11 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.eval.enabled and not cfg.export.enabled:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     problems += family_problems(cfg)
+    problems += validation_problems(cfg) if cfg.validation.enabled else []
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
     if cfg.eval.enabled:
         check_eval_config(cfg.eval)
-    if cfg.validation.enabled:
-        check_validation(cfg)
     instance = instance_templates(cfg)
     instance_options = (
         ["prompts.instance"] if len(instance) == 1 else [f"prompts.instance[{i}]" for i in range(len(instance))]

@@ -86,6 +86,11 @@ def validation_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"validation.{option}={OmegaConf.select(v, option)} must be between 0 and 2**32 - 1")
     if cfg.module.get("free_text_encoders"):
         problems.append("validation.enabled=true renders with the text encoders: module.free_text_encoders drops them")
+    if v.real_images_dir:
+        try:
+            list_images(v.real_images_dir, option="validation.real_images_dir")  # a missing or empty folder
+        except ConfigError as err:
+            problems.append(str(err))
     return problems + prompt_problems(v.prompts)
 
 
@@ -104,14 +109,6 @@ def prompt_problems(prompts) -> list[str]:
         except ConfigError as err:
             problems.append(str(err))
     return problems
-
-
-def check_validation(cfg: DictConfig) -> None:
-    problems = validation_problems(cfg)
-    if problems:
-        raise ConfigError("Invalid validation config:\n  " + "\n  ".join(problems))
-    if cfg.validation.real_images_dir:
-        list_images(cfg.validation.real_images_dir, option="validation.real_images_dir")
 
 
 def validation_prompts(cfg: DictConfig, identifier: str, class_noun: str) -> list[EvalPrompt]:
