@@ -18,6 +18,7 @@ from dreambooth_pl.training.job import train
 from dreambooth_pl.training.validation import select_step
 from dreambooth_pl.util.config import ConfigError
 from tests.conftest import FAST, compose_train, needs_dataset
+from tests.wandb_records import history_rows, run_summary
 
 # Validation every 2 steps of 6, one prompt, one image, 2 sampler steps; checkpoints at every validated step.
 VALIDATED = [
@@ -191,6 +192,23 @@ def test_select_last_exports_bit_for_bit_what_a_run_without_validation_exports(t
     assert files
     for name in files:
         assert (Path(last["pipeline"]) / name).read_bytes() == (Path(plain["pipeline"]) / name).read_bytes(), name
+
+
+@needs_dataset
+def test_wandb_gets_the_curves_the_images_and_the_selected_step(tmp_path, cache_dir, monkeypatch):
+    """The real wandb library, offline: what the run file holds is what W&B would show."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run(tmp_path, cache_dir, ["logger=wandb", "trainer.max_steps=4", "callbacks.checkpoint.save_top_k=0"])
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    history = history_rows(run_file)
+    curve = {r["trainer/global_step"]: r["val/dino"] for r in history if "val/dino" in r}
+    table = metrics_table(tmp_path)
+    assert curve == {r["step"]: pytest.approx(r["dino"]) for r in table}
+    assert all(any(f"val/{k}" in r for r in history) for k in ("clip_i", "clip_t"))
+    assert sum("val/images" in r or "val/images/_type" in r for r in history) == len(table)
+    selected = json.loads((tmp_path / "validation" / "selected.json").read_text())
+    assert run_summary(run_file)["summary"]["val/selected_step"] == selected["step"]
 
 
 @needs_dataset

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -136,15 +137,16 @@ class Validation(L.Callback):
         self.weights: dict[str, torch.Tensor] | None = None  # the selected step's trainable weights, on the CPU
         self.stopped: str | None = None
         self.selection: dict | None = None  # what on_train_end decided: selected.json's content
+        self.seconds = 0.0  # spent validating: its cost, recorded in selected.json
         self.readers = None
 
     def state_dict(self) -> dict:
         return {"history": self.history, "selected_step": self.selected_step, "weights": self.weights,
-                "stopped": self.stopped}  # fmt: skip
+                "stopped": self.stopped, "seconds": self.seconds}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.selected_step = list(state["history"]), state["selected_step"]
-        self.weights, self.stopped = state["weights"], state["stopped"]
+        self.weights, self.stopped, self.seconds = state["weights"], state["stopped"], state["seconds"]
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -169,6 +171,7 @@ class Validation(L.Callback):
         step = trainer.global_step
         if self.stopped or any(row["step"] == step for row in self.history):
             return
+        started = time.perf_counter()
         try:
             row, grid = self.measure(trainer, pl_module)
             self.history.append(row)
@@ -183,8 +186,11 @@ class Validation(L.Callback):
             self.weights = None
             log.warning("Validation stopped at %s; training goes on and exports its last step", self.stopped)
             return
-        log.info("Validation at step %d: %s", step, ", ".join(f"{k} {row[k]:.4f}" for k in self.columns[1:]))
         self.log_step(trainer, row, grid)
+        took = time.perf_counter() - started
+        self.seconds += took
+        scores = ", ".join(f"{k} {row[k]:.4f}" for k in self.columns[1:])
+        log.info("Validation at step %d: %s (%.1f s)", step, scores, took)
 
     def measure(self, trainer: L.Trainer, pl_module) -> tuple[dict, object]:
         """Render and score with the current weights; the training's random streams are left untouched."""
@@ -236,6 +242,7 @@ class Validation(L.Callback):
             "base": {k: v for k, v in self.history[0].items() if k != "step"} if self.history else None,
             "last_step": last,
             "stopped": self.stopped,
+            "seconds": round(self.seconds, 1),
         }
         try:
             with atomic_file(self.dir / "selected.json", "w") as handle:
