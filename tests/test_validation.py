@@ -154,9 +154,13 @@ def test_a_resumed_run_keeps_its_history_and_best_so_far(best_run, tmp_path, cac
 
 @needs_dataset
 def test_lora_selection_exports_the_adapters_of_the_selected_step(tmp_path, cache_dir):
-    result = run(tmp_path, cache_dir, ["method=lora", "validation.rule.max_clip_t_drop=1.0"])
+    """Also the rule on CLIP-I, and PRES as a column."""
+    overrides = ["validation.rule.max_clip_t_drop=1.0", "validation.rule.subject_metric=clip_i"]
+    result = run(tmp_path, cache_dir, ["method=lora", *overrides, "validation.pres.num_images=1"])
     step = json.loads((tmp_path / "validation" / "selected.json").read_text())["step"]
-    assert step == select_step(metrics_table(tmp_path), "dino", 1.0)[0]
+    table = metrics_table(tmp_path)
+    assert list(table[0]) == ["step", "dino", "clip_i", "clip_t", "pres"] and all(-1 <= r["pres"] <= 1 for r in table)
+    assert step == select_step(table, "clip_i", 1.0)[0]
     module = result["module"]
     module.load_state_dict(checkpoint_at(tmp_path, step)["state_dict"], strict=False)
     expected = module.method.lora_state(module.family, module.denoiser)
@@ -179,6 +183,15 @@ def test_textual_inversion_selection_exports_the_embedding_of_the_selected_step(
     assert step != 4, "this seed's run should select an earlier step, or the test proves nothing"
     exported = load_file(Path(result["pipeline"]) / "learned_embeds.safetensors")["<sks>"]
     assert torch.equal(exported, table[token_id])
+
+
+@needs_dataset
+@pytest.mark.parametrize("model", ["sdxl_tiny", "flux_tiny", "sd3_tiny"])
+def test_every_family_validates_with_its_own_sampler(model, tmp_path, cache_dir):
+    run(tmp_path, cache_dir, [f"model={model}", "trainer.max_steps=2", "callbacks.checkpoint.save_top_k=0"])
+    assert [r["step"] for r in metrics_table(tmp_path)] == [0, 2]
+    assert json.loads((tmp_path / "validation" / "selected.json").read_text())["step"] == 2
+    assert Image.open(tmp_path / "validation" / "step_000002.png").height >= 64
 
 
 @needs_dataset
