@@ -398,16 +398,20 @@ def score_images(
     text_clip = clip.texts([p.clip_text for p in prompts])
     position = {p.index: k for k, p in enumerate(prompts)}
 
-    fidelity_dino, fidelity_clip, alignment = SubjectFidelity(real_dino), SubjectFidelity(real_clip), TextAlignment()
+    # Every image is on this process (rank 0 under DDP, which validates and evaluates alone): a sync across
+    # processes would wait for ranks that hold no images, forever.
+    local = {"sync_on_compute": False}
+    fidelity_dino, fidelity_clip = SubjectFidelity(real_dino, **local), SubjectFidelity(real_clip, **local)
+    alignment = TextAlignment(**local)
     fidelity_dino.update(image_dino)
     fidelity_clip.update(image_clip)
     alignment.update(image_clip, text_clip[[position[j.prompt_index] for j in jobs]])
-    pres = SubjectFidelity(real_dino)
+    pres = SubjectFidelity(real_dino, **local)
     if pres_images:
         pres.update(dino.images(pres_images))
 
     div_inputs = lpips_input(images) if div_backend in ("lpips", "vae") else image_dino
-    diversity = Diversity(distance)
+    diversity = Diversity(distance, **local)
     for p in prompts if div_backend else []:
         diversity.update(div_inputs[[k for k, j in enumerate(jobs) if j.prompt_index == p.index]])
 
@@ -415,7 +419,7 @@ def score_images(
         "dino": _number(fidelity_dino.compute()),
         "clip_i": _number(fidelity_clip.compute()),
         "clip_t": _number(alignment.compute()),
-        "pres": _number(pres.compute()),
+        "pres": _number(pres.compute()) if pres_images else None,
         "div": _number(diversity.compute()) if div_backend else None,
         "real_dino": _number(self_similarity(real_dino)),
         "real_clip_i": _number(self_similarity(real_clip)),
