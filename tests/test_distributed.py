@@ -105,6 +105,9 @@ def test_ddp_matches_one_process_on_the_same_global_batch(tmp_path, cache_dir, t
         "trainer.precision=32-true",
         "data.batch_size=1",
     ]
+    # Validation on rank 0 only, read by the toy readers, exporting the last step: the weights must not move.
+    ddp += ["eval=toy", "validation.enabled=true", "validation.select=last", "validation.every_n_steps=2"]
+    ddp += ["validation.images_per_prompt=1", "validation.sampler.num_inference_steps=2"]
     # The default, time-stamped run folder: the re-run rank-1 process must find the same one.
     train_py([*COMPARABLE, *paths, *ddp, f"paths.log_dir={tmp_path / 'ddp' / 'logs'}"], cwd=tmp_path)
     (run,) = (tmp_path / "ddp" / "logs" / "train" / "runs" / "teapot").iterdir()
@@ -116,6 +119,10 @@ def test_ddp_matches_one_process_on_the_same_global_batch(tmp_path, cache_dir, t
     assert [p.parent.name for p in run.rglob("model_index.json")] == ["pipeline"]
     assert [p.name for p in (run / "csv").iterdir()] == ["version_0"]
     assert {p.name for p in run.glob("*.log")} == {"train.log", "train_ddp_process_1.log"}
+    assert [row.split(",")[0] for row in (run / "validation" / "metrics.csv").read_text().splitlines()] == [
+        "step", "0", "2"
+    ]  # fmt: skip
+    assert "Validation at step" not in (run / "train_ddp_process_1.log").read_text()
 
     # Class images: each rank made its half; the single run found all of them.
     pattern = r"generating (\d+) of 4 .*\(rank (\d) of 2\)"

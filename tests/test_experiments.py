@@ -86,6 +86,7 @@ def run_toy_sweep(tmp_path, *overrides: str):
         "prior.num_images=2",
         "sampler.num_inference_steps=2",
         "callbacks.samples.every_n_steps=0",
+        "validation.enabled=false",
         "export.samples.prompts=[]",
         *QUICK,
         "eval.images_per_prompt=2",
@@ -169,6 +170,7 @@ def test_ablation_sweep_evaluates_every_job_and_ends_with_its_report(tmp_path):
     W&B group) is named after the ablation."""
     args = ["-m", "ablation=ppl", "logger=wandb", "trainer.max_steps=2", "prior.num_images=2"]
     args += ["sampler.num_inference_steps=2", "callbacks.samples.every_n_steps=0", "export.samples.prompts=[]"]
+    args += ["validation.enabled=false"]
     args += [*QUICK, "eval.images_per_prompt=2", f"paths.log_dir={tmp_path / 'logs'}"]
     proc = run_train_py([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, {"WANDB_MODE": "offline"})
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()

@@ -482,7 +482,8 @@ def test_class_images_never_seen_are_warned_about_and_the_manifest_is_written_in
     tmp_path, tiny_pretrained, caplog, monkeypatch
 ):
     with caplog.at_level(logging.WARNING):
-        check_config(compose_train(["prior.num_images=100000", "trainer.max_steps=3"], tmp_path, tmp_path))
+        overrides = ["prior.num_images=100000", "trainer.max_steps=3", "validation.enabled=false"]
+        check_config(compose_train(overrides, tmp_path, tmp_path))
     assert "prior.num_images=100000 but 3 steps draw at most 3 class images" in caplog.text
 
     writes = []

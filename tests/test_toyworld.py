@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -348,7 +349,8 @@ def test_shipped_weights_are_small_safetensors():
 
 @needs_toyworld
 def test_train_py_with_the_toy_model_and_a_toy_subject(tmp_path):
-    """The shipped model through the normal path: class images, training, export, final samples."""
+    """The shipped model through the normal path: class images, training with its validation (on by default,
+    read by the toy world's readers), export, final samples."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("WANDB_API_KEY", None)
@@ -360,6 +362,8 @@ def test_train_py_with_the_toy_model_and_a_toy_subject(tmp_path):
         "prior.num_images=2",
         "sampler.num_inference_steps=2",
         "callbacks.samples.every_n_steps=0",
+        "validation.every_n_steps=3",
+        "validation.sampler.num_inference_steps=2",
         "export.samples.images_per_prompt=1",
         f"paths.toyworld_dir={TOYWORLD}",
         f"paths.cache_dir={tmp_path / 'cache'}",
@@ -378,6 +382,8 @@ def test_train_py_with_the_toy_model_and_a_toy_subject(tmp_path):
     samples = sorted((run_dir / "final_samples").glob("p*.png"))  # one image per validation prompt
     assert len(samples) == 4 and all(Image.open(p).size == (64, 64) for p in samples)  # the toy resolution
     assert (run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run_dir / "validation" / "metrics.csv").read_text().splitlines()[0] == "step,dino,clip_i,clip_t"
+    assert json.loads((run_dir / "validation" / "selected.json").read_text())["step"] == 3  # the one trained step
 
 
 def subject_photos() -> list:

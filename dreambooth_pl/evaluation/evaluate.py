@@ -272,10 +272,7 @@ def evaluate_run(
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     # everything that can fail fast (photos, embedding models, LPIPS) before minutes of generation
     real = [load_rgb(p) for p in list_images(real_images_dir, option="eval.real_images_dir")]
-    require_reachable(cfg.dino.model, "eval.dino.model")
-    require_reachable(cfg.clip.model, "eval.clip.model")
-    dino = DinoEmbedder(cfg.dino.model, Preprocess(**_preprocess(cfg.dino)), cfg.embed_batch_size, cfg.device)
-    clip = ClipEmbedder(cfg.clip.model, Preprocess(**_preprocess(cfg.clip)), cfg.embed_batch_size, cfg.device)
+    dino, clip = load_readers(cfg)
     div_backend = choose_div_backend(cfg.div.backend) if cfg.div.enabled else None
     distance = {
         "lpips": lambda: lpips_distance(cfg.div.lpips_net, cfg.device),
@@ -290,7 +287,7 @@ def evaluate_run(
     pres_images = [load_rgb(images_dir / j.file) for j in pres_jobs]
 
     log.info("Scoring %d images against %d real photos", len(images), len(real))
-    metrics, image_rows, per_prompt = _score(
+    metrics, image_rows, per_prompt = score_images(
         prompts, jobs, images, pres_images, real, dino, clip, distance, div_backend
     )
 
@@ -359,7 +356,7 @@ def evaluate_run(
     return {"eval_dir": str(eval_dir), "metrics_file": str(metrics_file), "generated": generated, **metrics}
 
 
-def _score(
+def score_images(
     prompts: list[EvalPrompt],
     jobs: list[ImageJob],
     images: list[Image.Image],
@@ -370,23 +367,27 @@ def _score(
     distance: Callable[[Tensor, Tensor], Tensor],
     div_backend: str,
 ) -> tuple[dict, list[dict], list[dict]]:
-    """The summary metrics, one row per image and one per prompt."""
+    """The summary metrics, one row per image and one per prompt (no DIV when `div_backend` is None)."""
     per_prompt_images = len(jobs) // len(prompts)
     real_dino, image_dino = dino.images(real), dino.images(images)
     real_clip, image_clip = clip.images(real), clip.images(images)
     text_clip = clip.texts([p.clip_text for p in prompts])
     position = {p.index: k for k, p in enumerate(prompts)}
 
-    fidelity_dino, fidelity_clip, alignment = SubjectFidelity(real_dino), SubjectFidelity(real_clip), TextAlignment()
+    # Every image is on this process (rank 0 under DDP, which validates and evaluates alone): a sync across
+    # processes would wait for ranks that hold no images, forever.
+    local = {"sync_on_compute": False}
+    fidelity_dino, fidelity_clip = SubjectFidelity(real_dino, **local), SubjectFidelity(real_clip, **local)
+    alignment = TextAlignment(**local)
     fidelity_dino.update(image_dino)
     fidelity_clip.update(image_clip)
     alignment.update(image_clip, text_clip[[position[j.prompt_index] for j in jobs]])
-    pres = SubjectFidelity(real_dino)
+    pres = SubjectFidelity(real_dino, **local)
     if pres_images:
         pres.update(dino.images(pres_images))
 
     div_inputs = lpips_input(images) if div_backend in ("lpips", "vae") else image_dino
-    diversity = Diversity(distance)
+    diversity = Diversity(distance, **local)
     for p in prompts if div_backend else []:
         diversity.update(div_inputs[[k for k, j in enumerate(jobs) if j.prompt_index == p.index]])
 
@@ -394,7 +395,7 @@ def _score(
         "dino": _number(fidelity_dino.compute()),
         "clip_i": _number(fidelity_clip.compute()),
         "clip_t": _number(alignment.compute()),
-        "pres": _number(pres.compute()),
+        "pres": _number(pres.compute()) if pres_images else None,
         "div": _number(diversity.compute()) if div_backend else None,
         "real_dino": _number(self_similarity(real_dino)),
         "real_clip_i": _number(self_similarity(real_clip)),
@@ -433,8 +434,17 @@ def _score(
     return metrics, image_rows, per_prompt
 
 
-def _preprocess(node: DictConfig) -> dict:
-    return {key: node[key] for key in ("resize", "crop", "mean", "std")}
+def load_readers(cfg: DictConfig, group: str = "eval") -> tuple[DinoEmbedder, ClipEmbedder]:
+    """The DINO and CLIP readers of an `eval` (or `validation`) config, refused by option name when missing."""
+    require_reachable(cfg.dino.model, f"{group}.dino.model")
+    require_reachable(cfg.clip.model, f"{group}.clip.model")
+
+    def preprocess(node: DictConfig) -> Preprocess:
+        return Preprocess(**{key: node[key] for key in ("resize", "crop", "mean", "std")})
+
+    dino = DinoEmbedder(cfg.dino.model, preprocess(cfg.dino), cfg.embed_batch_size, cfg.device, f"{group}.dino.model")
+    clip = ClipEmbedder(cfg.clip.model, preprocess(cfg.clip), cfg.embed_batch_size, cfg.device, f"{group}.clip.model")
+    return dino, clip
 
 
 def _log_to(

@@ -1,4 +1,5 @@
-"""Each run's fidelity/editability trade-off during training, overlaid: the validation curves the training
+"""The fidelity/editability trade-off during training: one run's picture (`draw_tradeoff`, written by the
+validation callback) and every run of a sweep overlaid: the validation curves the training
 writes (`<run>/validation/metrics.csv`, one row per validated step, step 0 the base model) and the step it
 selected (`<run>/validation/selected.json`). Runs without them are left out of the figure, not an error."""
 
@@ -197,3 +198,49 @@ def tradeoff_markdown(curves: list[Curve], figure: bool) -> list[str]:
         cells += [] if shared else [_rule(curve.selected)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+RUN_SIZE, RUN_MARGIN = 480, 56
+RUN_BASE, RUN_POINT, RUN_SELECTED, RUN_FLOOR = (40, 90, 200), (60, 60, 60), (220, 40, 40), (150, 150, 150)
+
+
+def draw_tradeoff(
+    rows: list[dict], subject_metric: str, selected_step: int | None, floor: float | None = None
+) -> Image.Image:
+    """`rows`: {"step", subject_metric, "clip_t"} per validated step, in step order. x: CLIP-T (prompt
+    fidelity), y: the subject metric. The first row (the base model, step 0) is a blue square, the selected
+    step a red ring, the rule's CLIP-T floor a grey vertical line; a line joins the steps in order."""
+    xs = [r["clip_t"] for r in rows] + ([floor] if floor is not None else [])
+    (x0, x1), (y0, y1) = _span(xs), _span([r[subject_metric] for r in rows])
+    image = Image.new("RGB", (RUN_SIZE, RUN_SIZE), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    inner = RUN_SIZE - 2 * RUN_MARGIN
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return RUN_MARGIN + (x - x0) / (x1 - x0) * inner, RUN_SIZE - RUN_MARGIN - (y - y0) / (y1 - y0) * inner
+
+    draw.rectangle([RUN_MARGIN, RUN_MARGIN, RUN_SIZE - RUN_MARGIN, RUN_SIZE - RUN_MARGIN], outline="black")
+    for value, (px, _) in ((x0, at(x0, y0)), (x1, at(x1, y0))):
+        draw.text((px - 12, RUN_SIZE - RUN_MARGIN + 4), f"{value:.3f}", fill="black", font=font)
+    for value, (_, py) in ((y0, at(x0, y0)), (y1, at(x0, y1))):
+        draw.text((4, py - 6), f"{value:.3f}", fill="black", font=font)
+    draw.text((RUN_SIZE // 2 - 60, RUN_SIZE - 20), "CLIP-T (prompt fidelity)", fill="black", font=font)
+    draw.text((4, 8), f"{subject_metric} (subject fidelity)", fill="black", font=font)
+    if floor is not None:
+        fx, _ = at(floor, y0)
+        draw.line([fx, RUN_MARGIN, fx, RUN_SIZE - RUN_MARGIN], fill=RUN_FLOOR, width=1)
+        draw.text((fx + 3, RUN_MARGIN + 3), "floor", fill=RUN_FLOOR, font=font)
+    points = [at(r["clip_t"], r[subject_metric]) for r in rows]
+    if len(points) > 1:
+        draw.line(points, fill=(200, 200, 200), width=1)
+    for index, (row, (px, py)) in enumerate(zip(rows, points)):
+        if index == 0:
+            draw.rectangle([px - 5, py - 5, px + 5, py + 5], fill=RUN_BASE)
+        else:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=RUN_POINT)
+        if row["step"] == selected_step:
+            draw.ellipse([px - 8, py - 8, px + 8, py + 8], outline=RUN_SELECTED, width=2)
+        chosen = row["step"] == selected_step
+        label = f"{row['step']}" + (" base" if index == 0 else "") + (" selected" if chosen else "")
+        draw.text((px + 7, py - 12), label, fill=RUN_SELECTED if chosen else "black", font=font)
+    return image

@@ -29,6 +29,7 @@ from dreambooth_pl.training.methods import FineTuneMethod, TextualInversion
 from dreambooth_pl.models.hub import require_reachable
 from dreambooth_pl.models.pipelines import load_tokenizer
 from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.training.validation import Validation, validation_problems, validation_prompts
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.eval.enabled and not cfg.export.enabled:
         problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
     problems += family_problems(cfg)
+    problems += validation_problems(cfg) if cfg.validation.enabled else []
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
     if cfg.eval.enabled:
@@ -159,6 +161,9 @@ def require_models(cfg: DictConfig, pretrained: str) -> None:
     if cfg.eval.enabled:
         require_reachable(cfg.eval.dino.model, "eval.dino.model")
         require_reachable(cfg.eval.clip.model, "eval.clip.model")
+    if cfg.validation.enabled:
+        require_reachable(cfg.validation.dino.model, "validation.dino.model")
+        require_reachable(cfg.validation.clip.model, "validation.clip.model")
 
 
 def require_photos(cfg: DictConfig, instance_dir: str) -> None:
@@ -284,6 +289,15 @@ def run_outputs(result: dict) -> dict:
     return {name: value for name, value in named.items() if value}
 
 
+def build_validation(cfg: DictConfig, run: Run) -> Validation | None:
+    """The validation callback (validation.enabled), with the run's prompts and the photos evaluation reads."""
+    if not cfg.validation.enabled:
+        return None
+    real_images_dir = cfg.validation.real_images_dir or run.instance_dir
+    prompts = validation_prompts(cfg, run.prompts["identifier"], run.prompts["class_noun"])
+    return Validation(cfg.validation, prompts, cfg.subject.class_noun, real_images_dir, cfg.paths.output_dir)
+
+
 def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | None = None) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     pretrained, method, prompts, datamodule, module = (
@@ -294,6 +308,8 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
         run.module,
     )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    validation = build_validation(cfg, run)
+    callbacks += [validation] if validation else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
@@ -321,6 +337,9 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
             "method": method.name,
             "steps": trainer.global_step,
         }
+        if validation and validation.selection:
+            validation.restore_selected(module)
+            run_info["validation"] = validation.selection
         retire_eval(output_dir)
         result["pipeline"] = str(method.export(module, output_dir, run_info, cfg.export.dtype))
         log.info("Exported the fine-tuned model (%s) to %s", method.name, result["pipeline"])
