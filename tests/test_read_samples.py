@@ -29,7 +29,7 @@ def test_asked_parses_context_and_colour_words():
 
 @pytest.fixture(scope="module")
 def reader():
-    return SampleReader()
+    return SampleReader.of_toy_world()
 
 
 def _draw(truth, prompts, per_prompt=4):

@@ -67,14 +67,19 @@ class Reading:
 class SampleReader:
     """The toy CLIP's zero-shot caption reader and the evaluation's toy DINO, loaded once."""
 
-    def __init__(self, toyworld_dir: str | Path | None = None):
+    def __init__(self, clip_dir: str | Path, dino_dir: str | Path, dino_preprocess: Preprocess, batch_size: int = 32):
+        self.captions = CaptionReader(Path(clip_dir))
+        self.dino = DinoEmbedder(str(dino_dir), dino_preprocess, batch_size, "cpu")
+
+    @classmethod
+    def of_toy_world(cls, toyworld_dir: str | Path | None = None) -> SampleReader:
+        """The readers of `toyworld_dir` (default: paths.toyworld_dir), DINO as conf/eval/toy.yaml reads it."""
         overrides = ["eval=toy"] + ([f"paths.toyworld_dir={toyworld_dir}"] if toyworld_dir else [])
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("evaluate", overrides=overrides)
         dino = cfg.eval.dino
-        self.captions = CaptionReader(Path(cfg.paths.toyworld_dir) / "clip")
         preprocess = Preprocess(**{key: dino[key] for key in ("resize", "crop", "mean", "std")})
-        self.dino = DinoEmbedder(dino.model, preprocess, cfg.eval.embed_batch_size, "cpu")
+        return cls(Path(cfg.paths.toyworld_dir) / "clip", dino.model, preprocess, cfg.eval.embed_batch_size)
 
     @torch.no_grad()
     def read(self, images: Sequence[Image.Image], prompts: Sequence[str], real: Sequence[Image.Image]) -> list[Reading]:
@@ -155,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         real = [load_rgb(p) for p in list_images(args.real or photos_of_run(args.run_dir), option="--real")]
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    readings = SampleReader(args.toyworld).read(images, prompts, real)
+    readings = SampleReader.of_toy_world(args.toyworld).read(images, prompts, real)
     print(table(readings), end="")
     if args.json:
         rows = [{**dataclasses.asdict(r), "context_hit": r.context_hit, "colour_hit": r.colour_hit} for r in readings]
