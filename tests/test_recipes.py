@@ -25,7 +25,7 @@ def test_toy_model_picks_each_methods_recipe(tmp_path, cache_dir):
     assert ti.module.optimizer.lr == recipe.lr and ti.trainer.max_steps == recipe.max_steps
     assert ti.prompts.instance == recipe.instance_prompts
     dreambooth = compose_train([], tmp_path, cache_dir)  # its own recipe: module and trainer of the model file
-    assert (dreambooth.module.optimizer.lr, dreambooth.trainer.max_steps) == (3.0e-4, 200)
+    assert (dreambooth.module.optimizer.lr, dreambooth.trainer.max_steps) == (3.0e-4, 300)
 
 
 def test_models_without_a_recipe_keep_the_methods_defaults(tmp_path, cache_dir):
