@@ -50,7 +50,7 @@ def test_a_toy_run_evaluated_then_trained_further(tmp_path):
     names both offline folders of the run."""
     run = tmp_path / "run"
     train = [str(REPO / "train.py"), f"hydra.run.dir={run}", "prior.enabled=false", "export.samples.prompts=[]"]
-    train += ["callbacks.samples.every_n_steps=0", "logger.wandb.mode=offline"]
+    train += ["callbacks.samples.every_n_steps=0", "validation.enabled=false", "logger.wandb.mode=offline"]
     first = run_module([*train, "trainer.max_steps=2"], tmp_path, expect=0)
     assert len(wandb_line(first).split()) == 4  # W&B: wandb sync <one folder>
     quick = ["eval.num_prompts=1", "eval.pres.num_images=2", "eval.sampler.num_inference_steps=2", "logger.wandb=null"]
@@ -88,7 +88,7 @@ def test_a_sweep_job_is_refused_a_folder_another_run_holds(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         args = [str(REPO / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=1,2", "logger=none"]
-        args += ["prior.enabled=false", "export.enabled=false", "trainer.max_steps=1"]
+        args += ["prior.enabled=false", "export.enabled=false", "trainer.max_steps=1", "validation.enabled=false"]
         output = run_module(args, tmp_path, expect=1)
     finally:
         holder.kill()
