@@ -20,19 +20,20 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from dreambooth_pl.runs.checkpoints import CheckpointError
-from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
-from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
+from dreambooth_pl.models.hub import ModelNotReachable, from_pretrained_or_explain
+from dreambooth_pl.runs.checkpoints import CheckpointError
 from dreambooth_pl.runs.export import write_dir_atomically
 from dreambooth_pl.runs.files import DiskFull, ProcessLock, atomic_file
-from dreambooth_pl.runs.loggers import RUN_RECORD, read_run_record
-from dreambooth_pl.models.hub import ModelNotReachable, from_pretrained_or_explain
-from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.runs.layout import WANDB_RUN
+from dreambooth_pl.runs.loggers import read_run_record
 from dreambooth_pl.toyworld.pretrain import build
 from dreambooth_pl.toyworld.subjects import SUBJECTS_FILE, subject_views
+from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
 from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.util.config import ConfigError
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.test_toyworld import compose_toyworld
@@ -236,8 +237,8 @@ def test_a_prompts_file_that_is_not_the_datasets_is_named(tmp_path):
 
 def test_a_damaged_wandb_run_record_is_named(tmp_path):
     (tmp_path / "wandb").mkdir()
-    (tmp_path / "wandb" / RUN_RECORD).write_text('{"id": "ab')
-    with pytest.raises(ConfigError, match=f"{tmp_path / 'wandb' / RUN_RECORD} is damaged .*Delete it"):
+    (tmp_path / "wandb" / WANDB_RUN).write_text('{"id": "ab')
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'wandb' / WANDB_RUN} is damaged .*Delete it"):
         read_run_record(tmp_path)
 
 
