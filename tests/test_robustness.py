@@ -24,17 +24,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from dreambooth_pl.evaluation.record import run_meta_from_config
+from dreambooth_pl.generate import generate
+from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
 from dreambooth_pl.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
+from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
+from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.training.class_images import ClassImageCache
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.evaluation.evaluate import run_meta_from_config, saved_run_config
-from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
-from dreambooth_pl.generate import generate
-from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
-from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
+from dreambooth_pl.training.job import check_config, train
 from dreambooth_pl.training.module import DreamBoothModule, TrainingDiverged
 from dreambooth_pl.util.config import ConfigError
-from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 
 RESUME_RUN = [
