@@ -236,11 +236,13 @@ def test_nan_loss_stops_with_the_last_good_state(tmp_path, cache_dir, monkeypatc
         return loss._replace(total=loss.total * float("nan")) if self.global_step == 3 else loss
 
     monkeypatch.setattr(DreamBoothModule, "compute_loss", poisoned)
-    cfg = compose_train([*FAST, "trainer.max_steps=10"], tmp_path, cache_dir)
+    # the state goes where the config puts checkpoints (callbacks.checkpoint.dirpath), not a fixed folder
+    moved = [f"callbacks.{name}.dirpath={tmp_path / 'ckpts'}" for name in ("checkpoint", "preemption")]
+    cfg = compose_train([*FAST, "trainer.max_steps=10", *moved], tmp_path, cache_dir)
     with pytest.raises(TrainingDiverged, match="at step 3; the last good state is saved in .*last-good.ckpt") as err:
         train(cfg)
     assert isinstance(err.value, ConfigError) and "\n" not in str(err.value)  # train.py: one line, exit 1
-    state = torch.load(tmp_path / "checkpoints" / "last-good.ckpt", weights_only=True)
+    state = torch.load(tmp_path / "ckpts" / "last-good.ckpt", weights_only=True)
     assert state["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
     assert not (tmp_path / "pipeline").exists()  # no garbage model is exported

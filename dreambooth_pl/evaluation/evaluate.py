@@ -42,14 +42,14 @@ from dreambooth_pl.evaluation.metrics import (
 )
 from dreambooth_pl.evaluation.protocol import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.evaluation.record import eval_metadata, run_meta_from_config, write_record
-from dreambooth_pl.evaluation.render import ImageJob, draw_images, generate_missing, grid, plan_images
+from dreambooth_pl.evaluation.render import ImageJob, draw_images, generate_missing, plan_images, save_grids
 from dreambooth_pl.models.hub import require_reachable
 from dreambooth_pl.runs.export import read_run_info
 from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, PIPELINE, RUN_INFO, exports
 from dreambooth_pl.runs.loggers import close_loggers
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.util.config import ConfigError
-from dreambooth_pl.util.images import list_images, load_rgb, save_atomically
+from dreambooth_pl.util.images import list_images, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,7 @@ def evaluate_run(
     metadata = eval_metadata(
         cfg, pipeline_dir, run_meta, names, real_images_dir, prompt_set, prompts, pres_jobs, counts
     )
-    grids = {"grid": grid(images, cfg.images_per_prompt, cfg.grid_cell_size)}  # a row per prompt
-    if pres_images:
-        grids["pres_grid"] = grid(pres_images, None, cfg.grid_cell_size)
-    for name, picture in grids.items():
-        save_atomically(picture, eval_dir / f"{name}.png")
+    grids = save_grids(eval_dir, images, pres_images, cfg.images_per_prompt, cfg.grid_cell_size)
     record, metrics_file = write_record(eval_dir, scores, metadata, pres_jobs, list(grids))
     metrics = scores["metrics"]
     log.info(

@@ -120,3 +120,15 @@ def grid(images: list[Image.Image], cols: int | None, cell: int) -> Image.Image:
     return image_grid(
         [im if im.width <= cell else im.resize((cell, cell), Image.Resampling.LANCZOS) for im in images], cols
     )
+
+
+def save_grids(
+    eval_dir: Path, images: list[Image.Image], pres_images: list[Image.Image], per_prompt: int, cell: int
+) -> dict[str, Image.Image]:
+    """`grid.png` (a row per prompt) and, with PRES images, `pres_grid.png` in `eval_dir`; by name."""
+    grids = {"grid": grid(images, per_prompt, cell)}
+    if pres_images:
+        grids["pres_grid"] = grid(pres_images, None, cell)
+    for name, picture in grids.items():
+        save_atomically(picture, eval_dir / f"{name}.png")
+    return grids

@@ -74,7 +74,7 @@ def sweep_group_and_values() -> tuple[str | None, list[str]]:
     return sweep_dir.name, [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
 
 
-def read_run_record(save_dir: str | os.PathLike) -> dict | None:
+def read_wandb_run(save_dir: str | os.PathLike) -> dict | None:
     """The W&B run a folder continues, read as data: a run id and plain labels (name, group, job type,
     project), each checked; any other key (`entity`, settings) is refused rather than passed to `wandb.init`."""
     path = wandb_run_file(save_dir)
@@ -146,7 +146,7 @@ def wandb_logger(
 
     import wandb
 
-    record = read_run_record(save_dir) if continue_run else None
+    record = read_wandb_run(save_dir) if continue_run else None
     if record is None:
         sweep, swept = sweep_group_and_values()
         record = {

@@ -134,7 +134,7 @@ def checkpoint_run_dir(ckpt_path: str, run_dir: Path) -> Path | None:
     return folder if saved_config(folder).is_file() else None
 
 
-class RunRecord(Callback):
+class RunFolder(Callback):
     """One run per folder; keep every invocation's record of it and resume with the run's own config."""
 
     def __init__(self) -> None:

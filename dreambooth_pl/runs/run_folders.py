@@ -1,4 +1,4 @@
-"""What a run may be pointed at, checked before anything is written (resume.RunRecord calls these).
+"""What a run may be pointed at, checked before anything is written (resume.RunFolder calls these).
 
 - A run folder never lands in the project's source or shipped data, never holds them, and a default one
   stays under `paths.log_dir` whatever `subject.name` or `sweep_name` says.
