@@ -8,12 +8,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.util.config import ConfigError, exit_on_config_error
-from dreambooth_pl.runs.export import RUN_INFO, read_run_info, write_dir_atomically
-from dreambooth_pl.util.images import image_grid
 from dreambooth_pl.models.pipelines import load_pipeline
-from dreambooth_pl.text.prompts import fill_prompt
 from dreambooth_pl.models.sampling import SamplerSettings, render
+from dreambooth_pl.runs.export import read_run_info, write_dir_atomically
+from dreambooth_pl.runs.layout import RUN_INFO
+from dreambooth_pl.text.prompts import fill_prompt
+from dreambooth_pl.util.config import ConfigError, exit_on_config_error
+from dreambooth_pl.util.images import image_grid
 
 log = logging.getLogger(__name__)
 

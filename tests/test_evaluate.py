@@ -16,21 +16,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dreambooth_pl.evaluation import evaluate as evaluate_module
-from dreambooth_pl.models import pipelines as models_module
+from dreambooth_pl.evaluation import render as render_module
+from dreambooth_pl.evaluation.evaluate import evaluate_from_config, evaluate_run, find_export
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists, subject_prompts
-from dreambooth_pl.evaluation.evaluate import (
-    ImageJob,
-    class_noun_condition,
-    evaluate_from_config,
-    evaluate_run,
-    find_export,
-    generate_missing,
-    run_meta_from_config,
-    saved_run_config,
-)
-from dreambooth_pl.util.images import ImageFolderError
+from dreambooth_pl.evaluation.record import class_noun_condition, run_meta_from_config
+from dreambooth_pl.evaluation.render import ImageJob, generate_missing
+from dreambooth_pl.models import pipelines as models_module
 from dreambooth_pl.models.hub import ModelNotReachable
+from dreambooth_pl.runs.records import saved_run_config
+from dreambooth_pl.util.images import ImageFolderError
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset, needs_real_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.wandb_records import history_rows
@@ -233,7 +227,7 @@ def fake_renderer(monkeypatch):
             yield index, Image.new("RGB", (settings.resolution,) * 2, (seed % 256, 0, 0))
 
     monkeypatch.setattr(models_module, "load_pipeline", load_pipeline)
-    monkeypatch.setattr(evaluate_module, "render", render)
+    monkeypatch.setattr(render_module, "render", render)
     return calls
 
 
@@ -382,7 +376,7 @@ def test_two_evaluations_started_together_render_each_image_once(tmp_path, tiny_
 
     images = tmp_path / "images"
     script = (
-        "from pathlib import Path; from dreambooth_pl.evaluation.evaluate import ImageJob, generate_missing;"
+        "from pathlib import Path; from dreambooth_pl.evaluation.render import ImageJob, generate_missing;"
         "jobs = [ImageJob(f'p00_{i:02d}.png', 'a sks teapot', i, 0) for i in range(6)];"
         f"print('generated', generate_missing({tiny_pretrained!r}, jobs, Path({str(images)!r}), "
         "{'num_inference_steps': 2, 'resolution': 32, 'batch_size': 1}))"

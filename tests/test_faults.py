@@ -20,19 +20,20 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from dreambooth_pl.runs.checkpoints import CheckpointError
-from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
-from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
+from dreambooth_pl.models.hub import ModelNotReachable, from_pretrained_or_explain
+from dreambooth_pl.runs.checkpoints import CheckpointError
 from dreambooth_pl.runs.export import write_dir_atomically
 from dreambooth_pl.runs.files import DiskFull, ProcessLock, atomic_file
-from dreambooth_pl.runs.loggers import RUN_RECORD, read_run_record
-from dreambooth_pl.models.hub import ModelNotReachable, from_pretrained_or_explain
-from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.runs.layout import WANDB_RUN
+from dreambooth_pl.runs.loggers import read_wandb_run
 from dreambooth_pl.toyworld.pretrain import build
 from dreambooth_pl.toyworld.subjects import SUBJECTS_FILE, subject_views
+from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
 from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.util.config import ConfigError
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.test_toyworld import compose_toyworld
@@ -189,6 +190,9 @@ EVAL = ["eval.enabled=true"]
         ([*EVAL, "eval.sampler.resolution=60"], "eval.sampler.resolution=60 must be a positive multiple of 8"),
         ([*EVAL, "eval.images_per_prompt=1"], "eval.images_per_prompt=1: DIV compares images of one prompt"),
         ([*EVAL, "eval.seed=-5"], "eval.seed=-5 must be between 0 and 2**32 - 1"),
+        ([*EVAL, "eval.pres.seed=0.5"], "eval.pres.seed=0.5 must be a whole number"),
+        (["module.quantize_base=nf8"], "module.quantize_base='nf8': use nf4 or null."),
+        (["module.quantize_base=nf4"], "module.quantize_base=nf4: a 4-bit base cannot be fine-tuned; use method=lora."),
         ([*EVAL, "eval.sampler.num_inference_steps=0"], "eval.sampler.num_inference_steps=0 must be >= 1"),
         ([*EVAL, "eval.real_images_dir=/no/photos"], "eval.real_images_dir='/no/photos': folder does not exist"),
     ],
@@ -236,9 +240,9 @@ def test_a_prompts_file_that_is_not_the_datasets_is_named(tmp_path):
 
 def test_a_damaged_wandb_run_record_is_named(tmp_path):
     (tmp_path / "wandb").mkdir()
-    (tmp_path / "wandb" / RUN_RECORD).write_text('{"id": "ab')
-    with pytest.raises(ConfigError, match=f"{tmp_path / 'wandb' / RUN_RECORD} is damaged .*Delete it"):
-        read_run_record(tmp_path)
+    (tmp_path / "wandb" / WANDB_RUN).write_text('{"id": "ab')
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'wandb' / WANDB_RUN} is damaged .*Delete it"):
+        read_wandb_run(tmp_path)
 
 
 def test_a_local_embedding_model_without_its_config_stops_training_before_it_starts(tmp_path, cache_dir, monkeypatch):

@@ -317,8 +317,8 @@ def test_export_dtype_option_end_to_end(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("taught, condition", [("teapot", "correct"), ("", "none"), ("dog", "wrong")])
 def test_clip_t_scores_the_subjects_real_class(tmp_path, taught, condition):
-    from dreambooth_pl.evaluation.evaluate import class_noun_condition
     from dreambooth_pl.evaluation.protocol import subject_prompts
+    from dreambooth_pl.evaluation.record import class_noun_condition
 
     prompts_file = tmp_path / "prompts_and_classes.txt"
     lines = ["Object Prompts", "'a {0} {1} in the jungle'.format(unique_token, class_token),"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl.evaluation.evaluate import model_location
+from dreambooth_pl.evaluation.record import model_location
 from dreambooth_pl.reporting.controls import control_rows
 from dreambooth_pl.reporting.records import load_run
 from dreambooth_pl.reporting.report import main, write_report
@@ -22,7 +22,6 @@ from dreambooth_pl.reporting.tables import build_tables
 from dreambooth_pl.toyworld.controls import ToyWorld
 from tests.conftest import REPO, needs_dataset
 from tests.test_evaluate import evaluated_sweep
-
 
 BASE_ONLY = control_rows([])  # the report's own control row, no world's
 

@@ -24,17 +24,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from dreambooth_pl.evaluation.record import run_meta_from_config
+from dreambooth_pl.generate import generate
+from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
 from dreambooth_pl.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
+from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
+from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.training.class_images import ClassImageCache
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.evaluation.evaluate import run_meta_from_config, saved_run_config
-from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
-from dreambooth_pl.generate import generate
-from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
-from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
+from dreambooth_pl.training.job import check_config, train
 from dreambooth_pl.training.module import DreamBoothModule, TrainingDiverged
 from dreambooth_pl.util.config import ConfigError
-from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 
 RESUME_RUN = [
@@ -235,11 +236,13 @@ def test_nan_loss_stops_with_the_last_good_state(tmp_path, cache_dir, monkeypatc
         return loss._replace(total=loss.total * float("nan")) if self.global_step == 3 else loss
 
     monkeypatch.setattr(DreamBoothModule, "compute_loss", poisoned)
-    cfg = compose_train([*FAST, "trainer.max_steps=10"], tmp_path, cache_dir)
+    # the state goes where the config puts checkpoints (callbacks.checkpoint.dirpath), not a fixed folder
+    moved = [f"callbacks.{name}.dirpath={tmp_path / 'ckpts'}" for name in ("checkpoint", "preemption")]
+    cfg = compose_train([*FAST, "trainer.max_steps=10", *moved], tmp_path, cache_dir)
     with pytest.raises(TrainingDiverged, match="at step 3; the last good state is saved in .*last-good.ckpt") as err:
         train(cfg)
     assert isinstance(err.value, ConfigError) and "\n" not in str(err.value)  # train.py: one line, exit 1
-    state = torch.load(tmp_path / "checkpoints" / "last-good.ckpt", weights_only=True)
+    state = torch.load(tmp_path / "ckpts" / "last-good.ckpt", weights_only=True)
     assert state["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
     assert not (tmp_path / "pipeline").exists()  # no garbage model is exported

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl.evaluation.evaluate import evaluate_from_config, run_meta_from_config
-from dreambooth_pl.runs.loggers import RUN_RECORD, read_run_record
+from dreambooth_pl.evaluation.evaluate import evaluate_from_config
+from dreambooth_pl.evaluation.record import run_meta_from_config
+from dreambooth_pl.runs.layout import WANDB_RUN
+from dreambooth_pl.runs.loggers import read_wandb_run
 from dreambooth_pl.runs.records import MAX_RECORD_BYTES, saved_run_config
 from dreambooth_pl.runs.resume import merge_overrides
 from dreambooth_pl.util.config import ConfigError
@@ -206,10 +208,10 @@ def test_a_saved_config_is_data_old_layout_and_resolvers_included(tmp_path):
 
 def test_the_wandb_run_record_is_an_id_and_plain_labels(tmp_path):
     (tmp_path / "wandb").mkdir()
-    path = tmp_path / "wandb" / RUN_RECORD
+    path = tmp_path / "wandb" / WANDB_RUN
     good = {"id": "ab12cd34", "project": "p", "name": "teapot-lora", "group": None, "job_type": "train"}
     path.write_text(json.dumps(good))
-    assert read_run_record(tmp_path) == good
+    assert read_wandb_run(tmp_path) == good
     for bad, message in [
         ({**good, "entity": "someone-else"}, "entity: not a key this project writes"),
         ({**good, "settings": {"mode": "online"}}, "settings: not a key"),
@@ -219,7 +221,7 @@ def test_the_wandb_run_record_is_an_id_and_plain_labels(tmp_path):
     ]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=message):
-            read_run_record(tmp_path)
+            read_wandb_run(tmp_path)
 
 
 # --------------------------------------------------------------------------- item 4: the wrong folder

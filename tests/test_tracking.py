@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dreambooth_pl.reporting.dashboard import build_report
-from dreambooth_pl.util.images import image_grid
-from dreambooth_pl.runs.loggers import RUN_RECORD, server_reachable
+from dreambooth_pl.runs.layout import WANDB_RUN
+from dreambooth_pl.runs.loggers import server_reachable
 from dreambooth_pl.runs.resume import merge_overrides
+from dreambooth_pl.util.images import image_grid
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.wandb_records import history_rows, run_summary
@@ -136,7 +137,7 @@ def test_resume_uses_the_runs_saved_config_and_wandb_run(sweep, cache_dir):
     assert state["global_step"] == 5
     runs = wandb_runs(run_dir)
     assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]  # the same W&B run continues
-    assert json.loads((run_dir / "wandb" / RUN_RECORD).read_text())["id"] == runs[0]["id"]
+    assert json.loads((run_dir / "wandb" / WANDB_RUN).read_text())["id"] == runs[0]["id"]
 
 
 def test_resume_refuses_another_subject_unless_asked(sweep, cache_dir):

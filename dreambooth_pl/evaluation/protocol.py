@@ -12,11 +12,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.text.prompts import fill_prompt
+from dreambooth_pl.util.config import ConfigError
 
 _FORMAT_CALL = re.compile(r"""^'(?P<template>.*)'\.format\(unique_token, class_token\),?$""")
 _SECTIONS = {"Object Prompts": "object", "Live Subject Prompts": "live"}
+# Image i of prompt p uses seed + SEED_STRIDE * p + i: asking for more images per prompt later keeps the
+# earlier ones (and their files) valid.
+SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from dreambooth_pl.runs.loggers import read_run_record, swept_keys, wandb_base_url, wandb_credentials_present
+from dreambooth_pl.runs.layout import MULTIRUN, WANDB_DIR, metrics_file
+from dreambooth_pl.runs.loggers import read_wandb_run, swept_keys, wandb_base_url, wandb_credentials_present
 from dreambooth_pl.util.network import server_reachable
 
 EVAL_METRICS = {"eval/dino": "DINO", "eval/clip_i": "CLIP-I", "eval/clip_t": "CLIP-T", "eval/pres": "PRES"}
@@ -27,10 +28,10 @@ LOSSES = ["train/loss", "train/instance_loss", "train/prior_loss"]
 def dashboard_spec(sweep_dir: str | Path) -> dict:
     """What the report holds, as plain data: printed offline, turned into W&B's report objects online."""
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / "multirun.yaml").is_file():
-        raise FileNotFoundError(f"{sweep_dir}: no multirun.yaml; pass a sweep folder (python train.py -m ...).")
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / "wandb").is_dir()), key=lambda p: p.name)
-    records = [record for job in jobs if (record := read_run_record(job))]
+    if not (sweep_dir / MULTIRUN).is_file():
+        raise FileNotFoundError(f"{sweep_dir}: no {MULTIRUN}; pass a sweep folder (python train.py -m ...).")
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / WANDB_DIR).is_dir()), key=lambda p: p.name)
+    records = [record for job in jobs if (record := read_wandb_run(job))]
     if not records:
         raise FileNotFoundError(f"{sweep_dir}: no job logged to W&B (run the sweep with logger=wandb).")
     groups = sorted({r["group"] for r in records})
@@ -56,8 +57,8 @@ def dashboard_spec(sweep_dir: str | Path) -> dict:
 
 def unevaluated_jobs(sweep_dir: str | Path) -> list[Path]:
     """Jobs that logged to W&B but have no evaluation (eval/metrics.json): their metric panels stay empty."""
-    jobs = [p for p in Path(sweep_dir).iterdir() if read_run_record(p)]
-    return sorted((job for job in jobs if not (job / "eval" / "metrics.json").is_file()), key=lambda p: p.name)
+    jobs = [p for p in Path(sweep_dir).iterdir() if read_wandb_run(p)]
+    return sorted((job for job in jobs if not metrics_file(job).is_file()), key=lambda p: p.name)
 
 
 def build_report(spec: dict, entity: str):

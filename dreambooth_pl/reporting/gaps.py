@@ -6,16 +6,18 @@ from pathlib import Path
 
 from dreambooth_pl.reporting.figures import drift_candidates
 from dreambooth_pl.reporting.records import BASE
-from dreambooth_pl.runs.records import load_mapping, select
+from dreambooth_pl.runs.layout import EVAL_DIR, METRICS_FILE, MULTIRUN
+from dreambooth_pl.runs.records import load_multirun, select
 from dreambooth_pl.runs.sweeps import expected_jobs, failed_jobs, one_line
 
 
 def sweep_gaps(sweep_dir: Path, runs: list[dict]) -> list[str]:
     """Failed jobs, jobs without an evaluation, subjects without a base-model row, language-drift rows that
     cannot be drawn. Empty for a folder that is not a sweep."""
-    if not (sweep_dir / "multirun.yaml").is_file():
+    multirun = load_multirun(sweep_dir)  # data: never resolved
+    if multirun is None:
         return []
-    hydra = load_mapping(sweep_dir / "multirun.yaml").get("hydra") or {}  # data: never resolved
+    hydra = multirun.get("hydra") or {}
     trained = sorted({r["subject"] for r in runs if not r["control"]})
     gaps = _job_gaps(sweep_dir, runs, hydra)
     callbacks = [c for c in (hydra.get("callbacks") or {}).values() if isinstance(c, dict)]
@@ -44,11 +46,11 @@ def _job_gaps(sweep_dir: Path, runs: list[dict], hydra: dict) -> list[str]:
     failed_folders = {Path(r["folder"]).resolve() for r in failed if "folder" in r}
     jobs = expected_jobs(sweep_dir) if select(hydra, "sweep.subdir") == "${hydra.job.num}" else None
     if jobs is None:
-        gaps.append(f"the sweep's jobs cannot be listed from {sweep_dir / 'multirun.yaml'}: missing jobs not checked")
+        gaps.append(f"the sweep's jobs cannot be listed from {sweep_dir / MULTIRUN}: missing jobs not checked")
     for num, overrides in enumerate(jobs or []):
         folder = (sweep_dir / str(num)).resolve()
         if folder in evaluated or folder in failed_folders:
             continue
-        state = "never started" if not folder.is_dir() else "no eval/metrics.json (stopped, or not evaluated)"
+        state = "never started" if not folder.is_dir() else f"no {EVAL_DIR}/{METRICS_FILE} (stopped, or not evaluated)"
         gaps.append(f"job {num} ({' '.join(overrides)}): {state}")
     return gaps

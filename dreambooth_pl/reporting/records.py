@@ -6,7 +6,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-METRICS_FILE = "metrics.json"
+from dreambooth_pl.runs.layout import EVAL_DIR, METRICS_FILE
+
 BASE = "base"  # the method of a base-model evaluation: nothing was fine-tuned
 
 
@@ -21,7 +22,7 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            found += sorted(p for p in path.rglob(METRICS_FILE) if p.parent.name == "eval")
+            found += sorted(p for p in path.rglob(METRICS_FILE) if p.parent.name == EVAL_DIR)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     return found

@@ -31,7 +31,8 @@ from dreambooth_pl.reporting.render import (
 )
 from dreambooth_pl.reporting.statistics import PAIRED_COLUMNS, paired_comparisons
 from dreambooth_pl.reporting.tables import TABLES, build_tables, run_label, unfilled_tables
-from dreambooth_pl.reporting.tradeoff import TRADEOFF_FILE, load_curves, tradeoff_figure, tradeoff_markdown
+from dreambooth_pl.reporting.tradeoff import load_curves, tradeoff_figure, tradeoff_markdown
+from dreambooth_pl.runs.layout import REPORT_DIR, TRADEOFF_FIGURE
 from dreambooth_pl.util.images import save_atomically
 
 
@@ -73,7 +74,7 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path, worlds: Se
     if curves:
         figure = tradeoff_figure(curves)
         if figure is not None:
-            written["tradeoff"] = save_atomically(figure, out / TRADEOFF_FILE)
+            written["tradeoff"] = save_atomically(figure, out / TRADEOFF_FIGURE)
         lines += tradeoff_markdown(curves, figure is not None)
     written["report"].write_text(with_gaps("\n".join(lines) + "\n", gaps))
     write_csv(runs, [k for k in runs[0] if k != "pres_images"], written["runs"])
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     default = (
-        Path(args.paths[0]) / "report" if len(args.paths) == 1 and Path(args.paths[0]).is_dir() else Path("report")
+        Path(args.paths[0]) / REPORT_DIR if len(args.paths) == 1 and Path(args.paths[0]).is_dir() else Path("report")
     )
     try:
         written = write_report(args.paths, args.output or default, configured_worlds())

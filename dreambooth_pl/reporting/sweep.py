@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from dreambooth_pl.reporting.controls import BASE_ROW, ControlJob, World, control_rows
 from dreambooth_pl.reporting.render import console_summary
 from dreambooth_pl.reporting.report import read_runs, write_report
+from dreambooth_pl.runs.layout import REPORT_DIR
 
 
 class SweepReport(Callback):
@@ -29,10 +30,10 @@ class SweepReport(Callback):
         if not runs:
             print(f"[report] no evaluated runs under {sweep_dir}: nothing to report")
             return
-        written = write_report([sweep_dir], sweep_dir / "report", self.worlds)  # a stop during the controls keeps it
+        written = write_report([sweep_dir], sweep_dir / REPORT_DIR, self.worlds)  # a stop during the controls keeps it
         if self.base_model:
             self.evaluate_controls(config, sweep_dir, [r for r in runs if not r["control"]])
-            written = write_report([sweep_dir], sweep_dir / "report", self.worlds)
+            written = write_report([sweep_dir], sweep_dir / REPORT_DIR, self.worlds)
             runs, _ = read_runs([sweep_dir], self.worlds)
         print(f"[report] {console_summary(runs, control_rows(self.worlds, runs))}")
         print(f"[report] {written['report']}")

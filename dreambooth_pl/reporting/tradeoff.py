@@ -14,10 +14,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from dreambooth_pl.reporting.records import ReportInputError
+from dreambooth_pl.runs.layout import TRADEOFF_FIGURE, VALIDATION_CURVE, VALIDATION_DIR, VALIDATION_SELECTED
 
-VALIDATION_DIR = "validation"
-CURVE_FILE, SELECTED_FILE = "metrics.csv", "selected.json"
-TRADEOFF_FILE = "tradeoff.png"
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
@@ -37,7 +35,7 @@ def _number(text: str | None) -> float | None:
 
 
 def read_curve(folder: Path) -> dict[int, dict[str, float | None]]:
-    path = folder / CURVE_FILE
+    path = folder / VALIDATION_CURVE
     try:
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -50,7 +48,7 @@ def read_curve(folder: Path) -> dict[int, dict[str, float | None]]:
 
 
 def read_selected(folder: Path) -> dict | None:
-    path = folder / SELECTED_FILE
+    path = folder / VALIDATION_SELECTED
     if not path.is_file():
         return None
     try:
@@ -66,10 +64,10 @@ def load_curves(runs: list[dict], label) -> tuple[list[Curve], list[str]]:
     curves, damaged = [], []
     for run in runs:
         folder = Path(run["run"]) / VALIDATION_DIR
-        if not (folder / CURVE_FILE).is_file() and not (folder / SELECTED_FILE).is_file():
+        if not (folder / VALIDATION_CURVE).is_file() and not (folder / VALIDATION_SELECTED).is_file():
             continue
         try:
-            points = read_curve(folder) if (folder / CURVE_FILE).is_file() else {}
+            points = read_curve(folder) if (folder / VALIDATION_CURVE).is_file() else {}
             curves.append(Curve(label(run), run, points, read_selected(folder)))
         except ReportInputError as err:
             damaged.append(f"{err}: left out of the trade-off figure")
@@ -179,11 +177,11 @@ def tradeoff_markdown(curves: list[Curve], figure: bool) -> list[str]:
     if figure:
         lines += [
             "Each run's validation scores at every validated step (step 0: the base model); the step the run kept",
-            f"is ringed: ![trade-off]({TRADEOFF_FILE})",
+            f"is ringed: ![trade-off]({TRADEOFF_FIGURE})",
         ]
     chosen = [c for c in curves if c.selected]
     if not chosen:
-        return lines + ["", "No run recorded a selected step (validation/selected.json)."]
+        return lines + ["", f"No run recorded a selected step ({VALIDATION_DIR}/{VALIDATION_SELECTED})."]
     rules = {_rule(c.selected) for c in chosen}
     shared = len(rules) == 1
     lines += ["", f"Selected steps (rule {next(iter(rules))})." if shared else "Selected steps.", ""]

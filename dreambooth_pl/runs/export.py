@@ -14,8 +14,8 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from dreambooth_pl.runs.files import DiskFull, disk_use, umask_mode
+from dreambooth_pl.runs.layout import RUN_INFO
 
-RUN_INFO = "dreambooth.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # method.export_kohya: the SDXL scripts' name
 TEXTUAL_INVERSION_WEIGHTS = "learned_embeds.safetensors"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -78,6 +79,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomically(data: dict, path: str | os.PathLike) -> Path:
+    """A JSON record a reader sees whole or not at all."""
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+    return Path(path)
 
 
 def pid_running(pid: int) -> bool:

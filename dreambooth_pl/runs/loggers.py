@@ -20,12 +20,12 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from dreambooth_pl.runs.layout import WANDB_DIR, wandb_run_file
 from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.util.network import server_reachable
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD = "dreambooth_run.json"  # in <save_dir>/wandb/: id, name, group, job type and project of the run
 RUN_LABELS = ("name", "group", "job_type", "project")  # plain labels; the project is always the config's
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RUN_LABEL = re.compile(r"[^\x00-\x1f\x7f]{0,128}")
@@ -51,11 +51,11 @@ def swept_keys(sweep_dir: Path) -> list[str]:
     overrides, as Hydra's sweeper saved them in `<sweep>/multirun.yaml` before launching the jobs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from dreambooth_pl.runs.records import load_mapping, select
+    from dreambooth_pl.runs.records import load_multirun, select
 
-    if not (sweep_dir / "multirun.yaml").is_file():
+    multirun = load_multirun(sweep_dir)  # data: never resolved
+    if multirun is None:
         return []
-    multirun = load_mapping(sweep_dir / "multirun.yaml")  # data: never resolved
     keys = [str(k) for k in select(multirun, "hydra.sweeper.params") or {}]
     parsed = OverridesParser.create().parse_overrides([str(o) for o in select(multirun, "hydra.overrides.task") or []])
     return keys + [o.key_or_group for o in parsed if o.is_sweep_override() and o.key_or_group not in keys]
@@ -74,10 +74,10 @@ def sweep_group_and_values() -> tuple[str | None, list[str]]:
     return sweep_dir.name, [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
 
 
-def read_run_record(save_dir: str | os.PathLike) -> dict | None:
+def read_wandb_run(save_dir: str | os.PathLike) -> dict | None:
     """The W&B run a folder continues, read as data: a run id and plain labels (name, group, job type,
     project), each checked; any other key (`entity`, settings) is refused rather than passed to `wandb.init`."""
-    path = Path(save_dir) / "wandb" / RUN_RECORD
+    path = wandb_run_file(save_dir)
     if not path.is_file():
         return None
     try:
@@ -146,7 +146,7 @@ def wandb_logger(
 
     import wandb
 
-    record = read_run_record(save_dir) if continue_run else None
+    record = read_wandb_run(save_dir) if continue_run else None
     if record is None:
         sweep, swept = sweep_group_and_values()
         record = {
@@ -155,7 +155,7 @@ def wandb_logger(
             "group": group or sweep,
             "job_type": job_type,
         }
-    Path(save_dir, "wandb").mkdir(parents=True, exist_ok=True)
+    Path(save_dir, WANDB_DIR).mkdir(parents=True, exist_ok=True)
     record["project"] = project  # this command's: a record never sends the run elsewhere
     run = wandb.init(
         **record,
@@ -165,7 +165,7 @@ def wandb_logger(
         tags=list(tags) if tags else None,
         settings=wandb.Settings(silent=True),  # our own line says where the run is,
     )
-    (Path(save_dir) / "wandb" / RUN_RECORD).write_text(json.dumps(record, indent=2))
+    wandb_run_file(save_dir).write_text(json.dumps(record, indent=2))
     if offline_reason:
         log.warning(
             "%s: W&B logs offline; upload later with `wandb sync %s`.",

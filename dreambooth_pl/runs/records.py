@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from dreambooth_pl.runs.layout import HYDRA_DIR, MULTIRUN, SAVED_CONFIG, SAVED_HYDRA
 from dreambooth_pl.util.config import ConfigError
 
 MAX_RECORD_BYTES = 1 << 20  # Hydra writes a few KiB; a megabyte is far beyond any real record
@@ -44,6 +45,12 @@ def load_mapping(path: Path) -> dict:
     if not isinstance(record, dict):
         raise ConfigError(f"{path} is not a saved config (a mapping): {type(record).__name__}. Not going on.")
     return record
+
+
+def load_multirun(sweep_dir: str | Path) -> dict | None:
+    """A sweep's `multirun.yaml` (Hydra's record of the sweep) as plain data; None when it is not a sweep."""
+    path = Path(sweep_dir) / MULTIRUN
+    return load_mapping(path) if path.is_file() else None
 
 
 def select(data: Any, dotted: str) -> Any:
@@ -90,9 +97,9 @@ def saved_run_config(run_dir: str | Path) -> DictConfig | None:
     """A training run's config from `<run>/.hydra/config.yaml` as data: references answered from the run's
     own files, anything else (`${oc.env:...}`, other resolvers) literal; nothing in it is instantiated, so an
     old run folder (targets of an earlier package layout) reads as well as a new one."""
-    saved = Path(run_dir) / ".hydra"
-    if not (saved / "config.yaml").is_file():
+    saved = Path(run_dir) / HYDRA_DIR
+    if not (saved / SAVED_CONFIG).is_file():
         return None
-    config = load_mapping(saved / "config.yaml")
-    hydra = load_mapping(saved / "hydra.yaml").get("hydra", {}) if (saved / "hydra.yaml").is_file() else {}
+    config = load_mapping(saved / SAVED_CONFIG)
+    hydra = load_mapping(saved / SAVED_HYDRA).get("hydra", {}) if (saved / SAVED_HYDRA).is_file() else {}
     return OmegaConf.create(_escape(_plain(config, config, hydra if isinstance(hydra, dict) else {})))

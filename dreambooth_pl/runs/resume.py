@@ -26,9 +26,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from dreambooth_pl.runs.files import ProcessLock
+from dreambooth_pl.runs.layout import (
+    HYDRA_DIR,
+    HYDRA_HISTORY,
+    RECORD_FILES,
+    RUN_LOCK,
+    SAVED_CONFIG,
+    SAVED_OVERRIDES,
+    saved_config,
+)
 from dreambooth_pl.runs.records import load_mapping, load_record, select
 from dreambooth_pl.runs.run_folders import (
-    RUN_LOCK,
     check_closed_world,
     check_env_reads,
     check_location,
@@ -41,7 +49,6 @@ log = logging.getLogger(__name__)
 
 # what a checkpoint belongs to: resuming it under other values would silently change the experiment
 IDENTITY = ("model.name", "model.pretrained", "method.name", "subject.name", "subject.instance_dir")
-RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
 def saved_overrides(path: Path) -> list[str]:
@@ -124,10 +131,10 @@ def checkpoint_run_dir(ckpt_path: str, run_dir: Path) -> Path | None:
     if ckpt_path in ("last", "hpc", "registry"):
         return run_dir
     folder = Path(ckpt_path).expanduser().resolve().parent.parent
-    return folder if (folder / ".hydra" / "config.yaml").is_file() else None
+    return folder if saved_config(folder).is_file() else None
 
 
-class RunRecord(Callback):
+class RunFolder(Callback):
     """One run per folder; keep every invocation's record of it and resume with the run's own config."""
 
     def __init__(self) -> None:
@@ -162,12 +169,12 @@ class RunRecord(Callback):
         if primary:
             default_dir = run_dir == asked and not hydra_override_given(config, "hydra.run.dir")  # conf/hydra's
             check_run_folder(config, run_dir, resuming=source == run_dir, default_dir=default_dir)
-        record = run_dir / ".hydra"
+        record = run_dir / HYDRA_DIR
         resumed = None
-        if source is not None and (source / ".hydra").is_dir():  # a record without its config.yaml: named, refused
-            saved = load_mapping(source / ".hydra" / "config.yaml")
+        if source is not None and (source / HYDRA_DIR).is_dir():  # a record without its config.yaml: named, refused
+            saved = load_mapping(saved_config(source))
             if source == run_dir:
-                resumed, merged = self.resume(config, record / "overrides.yaml", run_dir)
+                resumed, merged = self.resume(config, record / SAVED_OVERRIDES, run_dir)
                 check_same_experiment(saved, resumed, ckpt_path, run_dir)
                 new = " ".join(config.hydra.overrides.task)
                 self.notes.append(f"Resuming {run_dir} with its saved config; overrides on top: {new}")
@@ -175,7 +182,7 @@ class RunRecord(Callback):
                 check_same_experiment(saved, config, ckpt_path, source)
         if primary:
             self.take(run_dir)
-            if (record / "config.yaml").is_file():
+            if (record / SAVED_CONFIG).is_file():
                 self.keep_record(record)
         if resumed is not None:
             self.use_config(config, resumed, merged)
@@ -237,7 +244,7 @@ class RunRecord(Callback):
             self.lock = None
 
     def keep_record(self, record: Path) -> None:
-        history = record / "history"
+        history = record / HYDRA_HISTORY
         target = history / str(len(list(history.glob("*"))) if history.is_dir() else 0)
         try:
             target.mkdir(parents=True)

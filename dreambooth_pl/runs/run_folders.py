@@ -1,4 +1,4 @@
-"""What a run may be pointed at, checked before anything is written (resume.RunRecord calls these).
+"""What a run may be pointed at, checked before anything is written (resume.RunFolder calls these).
 
 - A run folder never lands in the project's source or shipped data, never holds them, and a default one
   stays under `paths.log_dir` whatever `subject.name` or `sweep_name` says.
@@ -21,14 +21,14 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dreambooth_pl.runs.layout import CHECKPOINTS, HYDRA_DIR, RUN_INFO, RUN_LOCK
 from dreambooth_pl.runs.records import select
 from dreambooth_pl.util.config import CONF_DIR, PROJECT_ROOT, ConfigError, EnvironmentRead
 
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 PLAIN_KEY = re.compile(r"[A-Za-z_][\w]*(\.[\w]+)*")
 RUN_FOLDER_VALUES = ("${paths.output_dir}", "${hydra:runtime.output_dir}")  # a project value under the run folder
-RUN_LOCK = ".run.lock"  # in the run folder: the pid of the run using it
-TRAINED = ("checkpoints/*.ckpt", "*/dreambooth.json")  # what a second run in the folder would overwrite
+TRAINED = (f"{CHECKPOINTS}/*.ckpt", f"*/{RUN_INFO}")  # what a second run in the folder would overwrite
 
 
 def _leaves(cfg: DictConfig | ListConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig | ListConfig, Any]]:
@@ -106,7 +106,7 @@ def check_run_folder(config: DictConfig, run_dir: Path, resuming: bool, default_
     """Refuse a run folder where a run would overwrite something it does not own."""
     check_location(config, run_dir, "hydra.run.dir", default_dir)
     entries = [p for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
-    if entries and not (run_dir / ".hydra").is_dir():
+    if entries and not (run_dir / HYDRA_DIR).is_dir():
         raise ConfigError(
             f"hydra.run.dir={run_dir} is not empty and is not a run folder (no .hydra/): a run would overwrite "
             "its files. Choose an empty or new folder."

@@ -21,12 +21,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from dreambooth_pl.runs.layout import HYDRA_DIR, HYDRA_HISTORY, JOB_FAILED, RUN_LOCK, TRAIN_LOG
 from dreambooth_pl.util.config import ConfigError, exit_on_config_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-FAILED = "job_failed.json"  # in a job's folder: its overrides and error
 
 
 def run_entry_point(job: Callable[[], T], fail_fast: bool = False) -> T | None:
@@ -49,7 +48,7 @@ def run_entry_point(job: Callable[[], T], fail_fast: bool = False) -> T | None:
         message = str(err) if isinstance(err, ConfigError) else traceback.format_exc()
         log.error("Job %s (%s) failed: %s", hydra.job.num, " ".join(swept), message)
         record = {"job": hydra.job.num, "overrides": swept, "error": str(err) or type(err).__name__}
-        (Path(hydra.runtime.output_dir) / FAILED).write_text(json.dumps(record, indent=2))
+        (Path(hydra.runtime.output_dir) / JOB_FAILED).write_text(json.dumps(record, indent=2))
         if fail_fast:
             sys.exit(f"fail_fast=true: stopping the sweep at job {hydra.job.num}.")
         return None
@@ -58,8 +57,8 @@ def run_entry_point(job: Callable[[], T], fail_fast: bool = False) -> T | None:
 def remove_if_untouched(run_dir: Path) -> None:
     """A new run folder refused on its settings holds only what Hydra wrote before the job (its config record,
     the log of the refusal, the lock): gone with the run, as the console said why. A resumed folder is kept."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", ".run.lock"}:
-        if not (run_dir / ".hydra" / "history").exists():
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {HYDRA_DIR, TRAIN_LOG, RUN_LOCK}:
+        if not (run_dir / HYDRA_DIR / HYDRA_HISTORY).exists():
             shutil.rmtree(run_dir)
             log.info("Removed the run folder %s: nothing was written to it.", run_dir)
 
@@ -75,7 +74,7 @@ def one_line(message: str) -> str:
 def failed_jobs(sweep_dir: str | Path) -> list[dict]:
     """The failure records of a sweep's jobs, by job number."""
     found = []
-    for path in Path(sweep_dir).glob(f"*/{FAILED}"):
+    for path in Path(sweep_dir).glob(f"*/{JOB_FAILED}"):
         try:
             found.append({**json.loads(path.read_text()), "folder": str(path.parent)})
         except (OSError, ValueError):
@@ -90,14 +89,11 @@ def expected_jobs(sweep_dir: str | Path) -> list[list[str]] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from dreambooth_pl.runs.loggers import swept_keys
-    from dreambooth_pl.runs.records import load_mapping, select
+    from dreambooth_pl.runs.records import load_multirun, select
 
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return None
     try:
-        multirun = load_mapping(path)  # data: never resolved
-        if "basic_sweeper" not in str(select(multirun, "hydra.sweeper._target_")):
+        multirun = load_multirun(sweep_dir)  # data: never resolved
+        if multirun is None or "basic_sweeper" not in str(select(multirun, "hydra.sweeper._target_")):
             return None
         params = [f"{k}={v}" for k, v in (select(multirun, "hydra.sweeper.params") or {}).items()]
         parsed = OverridesParser.create().parse_overrides([*params, *select(multirun, "hydra.overrides.task")])
@@ -114,7 +110,7 @@ class SweepFailures(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
-            (Path(config.hydra.runtime.output_dir) / FAILED).unlink(missing_ok=True)
+            (Path(config.hydra.runtime.output_dir) / JOB_FAILED).unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

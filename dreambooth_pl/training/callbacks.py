@@ -10,8 +10,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from dreambooth_pl.util.images import image_grid, save_atomically
 from dreambooth_pl.models.sampling import SamplerSettings, render
+from dreambooth_pl.runs.layout import SAMPLES
+from dreambooth_pl.util.images import image_grid, save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class SampleGrid(L.Callback):
         every_n_steps: int = 100,
         images_per_prompt: int = 2,
         seed: int = 0,
-        dirname: str = "samples",
+        dirname: str = SAMPLES,
     ):
         self.sampler = sampler if isinstance(sampler, SamplerSettings) else SamplerSettings(**sampler)
         self.every_n_steps = every_n_steps

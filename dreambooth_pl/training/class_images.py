@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_pl.runs.files import ProcessLock, atomic_file
-from dreambooth_pl.util.images import is_readable_image, save_atomically
 from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.models.pipelines import loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
+from dreambooth_pl.runs.files import ProcessLock, write_json_atomically
+from dreambooth_pl.util.images import is_readable_image, save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,7 @@ class ClassImageCache:
         folder = self.folder(prompt)
         done = sorted(p.name for p in folder.glob("*.png") if not p.name.startswith("."))
         manifest = {"key": self.key(prompt), "requested": num_images, "images": done}
-        with atomic_file(folder / MANIFEST, "w") as handle:
-            json.dump(manifest, handle, indent=2)
+        write_json_atomically(manifest, folder / MANIFEST)
 
 
 def _temp_file_index(path: Path) -> int:

@@ -19,7 +19,10 @@ from dreambooth_pl.util.config import ConfigError, log_paths, non_finite, resolv
 from dreambooth_pl.util.console import one_console_handler
 from dreambooth_pl.util.images import list_images
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.evaluation.evaluate import check_eval_config, evaluate_run, retire_eval, run_meta_from_config
+from dreambooth_pl.checks import check_eval_config, quantize_problems, seed_problems
+from dreambooth_pl.evaluation.evaluate import evaluate_run
+from dreambooth_pl.evaluation.record import retire_eval, run_meta_from_config
+from dreambooth_pl.runs import layout
 from dreambooth_pl.runs.export import recover_exports
 from dreambooth_pl.models.families import get_family
 from dreambooth_pl.generate import generate
@@ -52,10 +55,7 @@ def prior_active(prior: DictConfig) -> bool:
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would only fail after minutes of work."""
     problems = non_finite(cfg)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        problems.append(f"seed={cfg.seed} must be a whole number")
-    elif not 0 <= cfg.seed < 2**32:
-        problems.append(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
+    problems += seed_problems(cfg.seed, "seed")
     token, nouns = cfg.identifier.token, {cfg.subject.class_noun, cfg.prompts.instance_class_noun}
     if token is not None and str(token).strip().lower() in {str(n).strip().lower() for n in nouns if n}:
         problems.append(
@@ -128,11 +128,7 @@ def family_problems(cfg: DictConfig) -> list[str]:
                 f"module.optimizer._target_={cfg.module.optimizer._target_}: 8-bit optimizers (bitsandbytes) need a "
                 "CUDA GPU; on a CPU use torch.optim.AdamW"
             )
-        if cfg.module.get("quantize_base"):
-            problems.append(
-                f"module.quantize_base={cfg.module.quantize_base}: 4-bit weights (bitsandbytes) need a CUDA GPU"
-            )
-    return problems
+    return problems + quantize_problems(cfg.module.get("quantize_base"), get_class(cfg.method._target_).trains_adapters)
 
 
 def instance_templates(cfg: DictConfig) -> list[str]:
@@ -260,7 +256,7 @@ def train(cfg: DictConfig) -> dict:
     log_paths(cfg.paths.dreambooth_root, cfg.paths.toyworld_dir, cfg.paths.cache_dir, cfg.paths.log_dir)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    checkpoint_dir = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=str(output_dir / "checkpoints"))
+    checkpoint_dir = str(layout.checkpoint_dir(cfg, output_dir))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, output_dir)
     if rank_zero_only.rank == 0:
         recover_exports(output_dir)
@@ -347,7 +343,7 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
             result["samples"] = str(
                 generate(
                     pipeline=result["pipeline"],
-                    output_dir=str(output_dir / "final_samples"),
+                    output_dir=str(output_dir / layout.FINAL_SAMPLES),
                     **OmegaConf.to_container(cfg.export.samples, resolve=True),
                 )
             )

@@ -20,6 +20,7 @@ from dreambooth_pl.runs.export import (
     save_pipeline_atomically,
     write_dir_atomically,
 )
+from dreambooth_pl.runs.layout import LORA_DIR, PIPELINE, TEXTUAL_INVERSION_DIR
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class FineTuneMethod:
     """Full fine-tuning of the denoiser (and optionally the text encoders the family trains): the paper's
     DreamBooth."""
 
-    export_dirname = "pipeline"
+    export_dirname = PIPELINE
     trains_adapters = False  # whether the base weights stay frozen (a 4-bit base needs that)
 
     def __init__(self, name: str = "dreambooth", train_text_encoder: bool = False):
@@ -95,7 +96,7 @@ class LoRA(FineTuneMethod):
     """Low-rank adapters (peft) on the denoiser's attention projections (or `target_modules`: the model
     files name their recipe's, model.lora.target_modules); base weights stay frozen."""
 
-    export_dirname = "lora"
+    export_dirname = LORA_DIR
     trains_adapters = True
 
     def __init__(
@@ -179,7 +180,7 @@ class LoRA(FineTuneMethod):
             merged.load_lora_weights(str(target), weight_name=LORA_WEIGHTS)
             merged.fuse_lora()
             merged.unload_lora_weights()
-            save_pipeline_atomically(merged, output_dir / "pipeline", run_info)
+            save_pipeline_atomically(merged, output_dir / PIPELINE, run_info)
         return target
 
 
@@ -187,7 +188,7 @@ class TextualInversion(FineTuneMethod):
     """The paper's baseline (Gal et al. 2022): learn one new token embedding, nothing else (one per text
     encoder where the model has several: SDXL)."""
 
-    export_dirname = "textual_inversion"
+    export_dirname = TEXTUAL_INVERSION_DIR
 
     def __init__(self, name: str = "textual_inversion", placeholder: str = "<{identifier}>", initializer: str = ""):
         super().__init__(name, train_text_encoder=False)

@@ -19,7 +19,9 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from dreambooth_pl.checks import module_problems
 from dreambooth_pl.models.families import Components, PromptEmbeddings, get_family
+from dreambooth_pl.runs.layout import CHECKPOINTS, LAST_GOOD_CHECKPOINT
 from dreambooth_pl.training.losses import DreamBoothLoss, dreambooth_loss, offset_noise
 from dreambooth_pl.training.methods import FineTuneMethod
 from dreambooth_pl.util.config import ConfigError
@@ -33,13 +35,10 @@ class TrainingDiverged(ConfigError, FloatingPointError):
 
 
 def quantized_denoiser(quantize_base: str | None) -> dict | None:
-    """from_pretrained arguments that load the frozen denoiser in 4 bits (bitsandbytes NF4, CUDA only)."""
+    """from_pretrained arguments that load the frozen denoiser in 4 bits (bitsandbytes NF4, CUDA only; checked
+    in checks.quantize_problems)."""
     if quantize_base is None:
         return None
-    if quantize_base != "nf4":
-        raise ValueError(f"module.quantize_base={quantize_base!r}: use nf4 or null.")
-    if not torch.cuda.is_available():
-        raise ValueError("module.quantize_base=nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); unset it on a CPU.")
     from diffusers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -86,6 +85,8 @@ class DreamBoothModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "method"])
+        method = method or FineTuneMethod()
+        module_problems(quantize_base, method.trains_adapters)
         self.family = get_family(family, **(family_options or {}))
         parts = self.family.load_components(pretrained, revision, variant, vae, quantized_denoiser(quantize_base))
         self.denoiser_name = self.family.denoiser_name
@@ -115,11 +116,7 @@ class DreamBoothModule(L.LightningModule):
 
         for model in (self.denoiser, self.vae, *self.text_encoders.values()):
             model.requires_grad_(False)
-        self.method = method or FineTuneMethod()
-        if quantize_base and not self.method.trains_adapters:
-            raise ValueError(
-                f"module.quantize_base={quantize_base}: a 4-bit base cannot be fine-tuned; use method=lora."
-            )
+        self.method = method
         self.method.attach(self)
         # frozen encoders whose outputs for the run's fixed prompts are all cached, then dropped (fit start)
         self.free_text_encoders = free_text_encoders
@@ -295,6 +292,13 @@ class DreamBoothModule(L.LightningModule):
         pred, target, weights = self.objective.terms(pred, latents, noise, noisy, timesteps)
         return dreambooth_loss(pred, target, batch["is_prior"].to(pred.device), self.prior_weight, weights)
 
+    def checkpoint_dir(self) -> Path:
+        """The checkpoint callback's folder (callbacks.checkpoint.dirpath), else the run folder's default."""
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            return Path(callback.dirpath)
+        return Path(self.trainer.default_root_dir) / CHECKPOINTS
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
         size = len(batch["prompts"])
@@ -306,7 +310,7 @@ class DreamBoothModule(L.LightningModule):
         # Every rank stops together (saving is collective), even when one rank alone sees the bad loss.
         if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss.total).item(), all=False):
             # The weights still hold the last good step: keep them before stopping.
-            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
+            path = self.checkpoint_dir() / LAST_GOOD_CHECKPOINT
             self.trainer.save_checkpoint(path)
             raise TrainingDiverged(
                 f"Training loss became non-finite ({loss.total.item()} on rank {self.global_rank}) at step "

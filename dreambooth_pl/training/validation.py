@@ -21,11 +21,13 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dreambooth_pl.evaluation.evaluate import SEED_STRIDE, load_readers, plan_images, score_images
-from dreambooth_pl.evaluation.protocol import EvalPrompt
+from dreambooth_pl.evaluation.evaluate import Scorers, load_readers, score
+from dreambooth_pl.evaluation.protocol import SEED_STRIDE, EvalPrompt
+from dreambooth_pl.evaluation.render import plan_images
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.reporting.tradeoff import draw_tradeoff
 from dreambooth_pl.runs.files import atomic_file
+from dreambooth_pl.runs.layout import TRADEOFF_FIGURE, VALIDATION_CURVE, VALIDATION_DIR, VALIDATION_SELECTED
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
 from dreambooth_pl.util.config import ConfigError, non_finite
 from dreambooth_pl.util.images import image_grid, list_images, load_rgb, save_atomically
@@ -129,7 +131,7 @@ class Validation(L.Callback):
         self.prompts = prompts
         self.jobs, self.pres_jobs = plan_images(prompts, cfg, class_noun)
         self.real_images_dir = real_images_dir
-        self.dir = Path(output_dir) / "validation"
+        self.dir = Path(output_dir) / VALIDATION_DIR
         self.metric = cfg.rule.subject_metric
         self.columns = ["step", "dino", "clip_i", "clip_t"] + (["pres"] if self.pres_jobs else [])
         self.history: list[dict] = []
@@ -204,7 +206,8 @@ class Validation(L.Callback):
             images = [image for _, image in rendered]
         pl_module.train(was_training)
         subject, pres = images[: len(self.jobs)], images[len(self.jobs) :]
-        metrics, _, _ = score_images(self.prompts, self.jobs, subject, pres, self.real, *self.readers, None, None)
+        scorers = Scorers(*self.readers, div_backend=None, distance=None)  # no DIV while training
+        metrics = score(self.prompts, self.jobs, subject, pres, self.real, scorers)["metrics"]
         row = {"step": trainer.global_step, **{k: metrics[k] for k in self.columns[1:]}}
         grid = image_grid(subject, cols=self.cfg.images_per_prompt, row_labels=[p.text for p in self.prompts])
         return row, grid
@@ -215,7 +218,7 @@ class Validation(L.Callback):
         writer.writeheader()
         writer.writerows(self.history)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.dir / "metrics.csv", "w") as handle:
+        with atomic_file(self.dir / VALIDATION_CURVE, "w") as handle:
             handle.write(text.getvalue())
 
     def log_step(self, trainer: L.Trainer, row: dict, grid) -> None:
@@ -245,11 +248,11 @@ class Validation(L.Callback):
             "seconds": round(self.seconds, 1),
         }
         try:
-            with atomic_file(self.dir / "selected.json", "w") as handle:
+            with atomic_file(self.dir / VALIDATION_SELECTED, "w") as handle:
                 json.dump(self.selection, handle, indent=2)
             if self.history:
                 floor = self.history[0]["clip_t"] - drop if best else None
-                save_atomically(draw_tradeoff(self.history, self.metric, step, floor), self.dir / "tradeoff.png")
+                save_atomically(draw_tradeoff(self.history, self.metric, step, floor), self.dir / TRADEOFF_FIGURE)
         except OSError as err:
             log.warning("Validation could not write its selection in %s (%s); the export goes on", self.dir, err)
         log.info("Validation selected step %s (%s)", step, self.selection["rule"])
