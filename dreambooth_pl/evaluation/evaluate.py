@@ -279,10 +279,10 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     """The standalone job: resolve the export, the subject and the real photos, then `evaluate_run`."""
     if not (cfg.run_dir or cfg.pipeline):
         raise ConfigError("Set run_dir=<training run folder> or pipeline=<exported model folder>.")
-    check_eval_config(cfg.eval)
     if cfg.pipeline and not Path(cfg.pipeline).is_dir():
         raise ConfigError(f"pipeline={cfg.pipeline!r}: no such folder.")
     pipeline = Path(cfg.pipeline) if cfg.pipeline else find_export(cfg.run_dir)
+    check_eval_config(cfg.eval)  # after the folder: a missing run is named before the options around it
     run_dir = Path(cfg.run_dir) if cfg.run_dir else pipeline.parent
     info = read_run_info(pipeline)
     saved = saved_run_config(run_dir)
