@@ -18,8 +18,10 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+from diffusers import DiffusionPipeline
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -140,6 +142,7 @@ def generate_missing(
     sampler: dict,
     device: str | None = None,
     dtype: str | None = None,
+    pipe: DiffusionPipeline | None = None,
 ) -> int:
     """Render the images that are not on disk yet (or were made with other settings); return how many.
 
@@ -147,6 +150,7 @@ def generate_missing(
     images, a killed run resumes, and a changed model or sampler never reuses stale pictures. The model is
     recorded by its contents (a retrain into the same folder changes its weight files), not only its path;
     a LoRA or Textual Inversion folder's own files are enough, as its dreambooth.json names the base model.
+    `pipe`: `pipeline_dir` already loaded on `device` in `dtype` (training's final samples share it).
     """
     model = {
         "pipeline": str(Path(pipeline_dir).resolve()),
@@ -179,7 +183,7 @@ def generate_missing(
         _write_json_atomically({"model": model, "sampler": setting, "images": {**known, **wanted}}, manifest_path)
         if not todo:
             return 0
-        with loaded_pipeline(pipeline_dir, device, dtype) as pipe:
+        with nullcontext(pipe) if pipe is not None else loaded_pipeline(pipeline_dir, device, dtype) as pipe:
             # the size the pipeline renders when none is given (FLUX's and SD3's keep it as default_sample_size)
             sample_size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
             native = sample_size * pipe.vae_scale_factor
@@ -249,6 +253,7 @@ def evaluate_run(
     run_meta: dict | None = None,
     loggers: list[Logger] | None = None,
     draw: Callable[[str, int], Image.Image] | None = None,
+    pipe: DiffusionPipeline | None = None,
 ) -> dict:
     """Generate (or reuse) the evaluation images, score them, write `<output_dir>/eval/metrics.json`.
 
@@ -257,7 +262,7 @@ def evaluate_run(
     `run_meta` says how the model was trained (see `run_meta_from_config`); it is stored for the report.
     Summary metrics go to each logger; a W&B logger also gets a table of every image with its scores.
     `draw(prompt, seed)`, when given, makes the images instead of a model (`pipeline_dir` None): the toy
-    renderer's ground truth, a control row.
+    renderer's ground truth, a control row. `pipe`: `pipeline_dir` already loaded (see `generate_missing`).
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
@@ -283,7 +288,7 @@ def evaluate_run(
     }.get(div_backend, lambda: cosine_distance)()
 
     if draw is None:
-        generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
+        generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype, pipe)
     else:
         generated = draw_images(draw, jobs + pres_jobs, images_dir)
     images = [load_rgb(images_dir / j.file) for j in jobs]
