@@ -20,7 +20,8 @@ from tests.test_evaluate import compose_eval
 TOYWORLD = REPO / "toyworld"
 TEAPOT = TOYWORLD / "dataset" / "toy_teapot"
 # one prompt, 2 images of it and 2 PRES images, 2 sampler steps: 4 images per evaluation
-QUICK = ["eval.num_prompts=1", "eval.images_per_prompt=2", "eval.sampler.num_inference_steps=2", "eval.pres.num_images=2"]
+QUICK = ["eval.num_prompts=1", "eval.images_per_prompt=2", "eval.sampler.num_inference_steps=2"]
+QUICK += ["eval.pres.num_images=2"]
 
 
 @pytest.fixture
@@ -86,7 +87,8 @@ def test_a_drawn_control_is_keyed_by_its_drawing(tmp_path, counted):
 
     assert drawn("a", truth)["generated"] == 4
     assert drawn("b", truth)["generated"] == 0
-    assert (tmp_path / "a" / "eval" / "metrics.json").read_bytes() == (tmp_path / "b" / "eval" / "metrics.json").read_bytes()
+    metrics = [(tmp_path / run / "eval" / "metrics.json").read_bytes() for run in ("a", "b")]
+    assert metrics[0] == metrics[1]
     assert drawn("c", truth.lookalike())["generated"] == 4
     assert counted["images"] == 0  # drawings, not a model
 
@@ -102,11 +104,23 @@ def test_the_export_is_loaded_once_for_samples_and_evaluation_with_a_fresh_loads
     pipeline = result["pipeline"]
     assert counted["loads"].count(pipeline) == 1 and Path(result["samples"]).is_file()
 
-    alone = evaluate_run(pipeline, str(tmp_path / "alone"), cfg.eval, str(TEAPOT), "toy_teapot", "teapot",
-                         result["identifier"])  # fmt: skip, a fresh load of the export
+    photos = (str(TEAPOT), "toy_teapot", "teapot", result["identifier"])
+    alone = evaluate_run(pipeline, str(tmp_path / "alone"), cfg.eval, *photos)  # a fresh load of the export
     assert counted["loads"].count(pipeline) == 2
     run_metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert alone["generated"] == 4
     assert {k: alone[k] for k in run_metrics["metrics"]} == run_metrics["metrics"]
     fresh = json.loads((tmp_path / "alone" / "eval" / "metrics.json").read_text())
     assert fresh["images"] == run_metrics["images"]
+
+
+def test_render_puts_back_the_scheduler_the_pipeline_was_loaded_with():
+    """A shared pipeline's next render starts from the model's scheduler, not the one the last render chose."""
+    from dreambooth_pl.models.pipelines import load_pipeline
+    from dreambooth_pl.models.sampling import SamplerSettings, render
+
+    pipe = load_pipeline(str(TOYWORLD / "pipeline"), "cpu")
+    loaded = pipe.scheduler
+    settings = SamplerSettings("diffusers.DDIMScheduler", num_inference_steps=1, resolution=32, batch_size=1)
+    ((index, image),) = render(pipe, ["a sks teapot"], [0], settings)
+    assert (index, image.size) == (0, (32, 32)) and pipe.scheduler is loaded

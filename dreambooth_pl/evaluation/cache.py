@@ -44,8 +44,9 @@ def _contents(path: str | None) -> dict | str | None:
 
 
 def _drawing(draw: Callable) -> dict:
-    """A drawing function as its value and the source of the package that draws (the toy renderer)."""
-    package = Path(inspect.getfile(type(draw))).parent
+    """A drawing as its value and the source of the package that draws (the toy renderer). Its repr is its
+    value for a dataclass such as the toy world's GroundTruth; a closure's names an address, so never hits."""
+    package = Path(inspect.getfile(draw if inspect.isfunction(draw) else type(draw))).parent
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))).hexdigest()[:16]
     return {"draw": repr(draw), "code": digest}
 
@@ -105,7 +106,8 @@ def evaluate_cached(
     settings = eval_cfg if isinstance(eval_cfg, dict) else OmegaConf.to_container(eval_cfg, resolve=True)
     key = evaluation_key(pipeline_dir, settings, *args, run_meta, draw)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    entry = Path(cache_dir) / f"{subject}-{(run_meta or {}).get('method', 'base')}-{digest}"
+    name = f"{subject}-{(run_meta or {}).get('method', 'base')}"
+    entry = Path(cache_dir) / f"{''.join(c if c.isalnum() or c in '_-' else '_' for c in name)[:60]}-{digest}"
     eval_dir = Path(output_dir) / "eval"
     entry.parent.mkdir(parents=True, exist_ok=True)
     with ProcessLock(entry.parent / f"{entry.name}.lock", f"the cached evaluation {entry.name}"):
