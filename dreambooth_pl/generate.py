@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import hydra
+from diffusers import DiffusionPipeline
 from omegaconf import DictConfig
 
 from dreambooth_pl.models.pipelines import load_pipeline
@@ -28,11 +29,13 @@ def generate(
     seed: int = 0,
     device: str | None = None,
     dtype: str | None = None,
+    pipe: DiffusionPipeline | None = None,
 ) -> Path:
     """Save one PNG per image and a grid (a row per prompt, labelled with it); return the grid's path.
 
     Templates may use {identifier} and {class_noun}: they are filled from the run's dreambooth.json.
-    The folder is replaced as a whole, so it holds exactly the images its prompts.txt lists.
+    The folder is replaced as a whole, so it holds exactly the images its prompts.txt lists. `pipe`: the
+    `pipeline` folder already loaded (on `device`, in `dtype`), by a caller that renders more with it.
     """
     info = read_run_info(pipeline)
     filled = [fill_prompt(t, info.get("identifier", ""), info.get("class_noun", "")) for t in prompts]
@@ -42,7 +45,8 @@ def generate(
 
     def write(folder: Path) -> None:
         images = []
-        for index, image in render(load_pipeline(pipeline, device, dtype), rows, seeds, settings, desc="generate"):
+        loaded = pipe or load_pipeline(pipeline, device, dtype)
+        for index, image in render(loaded, rows, seeds, settings, desc="generate"):
             prompt_index, image_index = divmod(index, images_per_prompt)
             image.save(folder / f"p{prompt_index:02d}_{image_index:02d}.png")
             images.append(image)

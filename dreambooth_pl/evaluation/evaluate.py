@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from diffusers import DiffusionPipeline
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -66,6 +67,7 @@ def evaluate_run(
     run_meta: dict | None = None,
     loggers: list[Logger] | None = None,
     draw: Callable[[str, int], Image.Image] | None = None,
+    pipe: DiffusionPipeline | None = None,
 ) -> dict:
     """Generate (or reuse) the evaluation images, score them, write `<output_dir>/eval/metrics.json`.
 
@@ -74,7 +76,7 @@ def evaluate_run(
     `run_meta` says how the model was trained (see `run_meta_from_config`); it is stored for the report.
     Summary metrics go to each logger; a W&B logger also gets a table of every image with its scores.
     `draw(prompt, seed)`, when given, makes the images instead of a model (`pipeline_dir` None): the toy
-    renderer's ground truth, a control row.
+    renderer's ground truth, a control row. `pipe`: `pipeline_dir` already loaded (see `generate_missing`).
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
@@ -92,7 +94,7 @@ def evaluate_run(
 
     if draw is None:
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-        generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype)
+        generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype, pipe)
     else:
         generated = draw_images(draw, jobs + pres_jobs, images_dir)
     images = [load_rgb(images_dir / j.file) for j in jobs]

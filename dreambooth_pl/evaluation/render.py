@@ -7,8 +7,10 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+from diffusers import DiffusionPipeline
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -55,6 +57,7 @@ def generate_missing(
     sampler: dict,
     device: str | None = None,
     dtype: str | None = None,
+    pipe: DiffusionPipeline | None = None,
 ) -> int:
     """Render the images that are not on disk yet (or were made with other settings); return how many.
 
@@ -62,6 +65,7 @@ def generate_missing(
     images, a killed run resumes, and a changed model or sampler never reuses stale pictures. The model is
     recorded by its contents (a retrain into the same folder changes its weight files), not only its path;
     a LoRA or Textual Inversion folder's own files are enough, as its dreambooth.json names the base model.
+    `pipe`: `pipeline_dir` already loaded on `device` in `dtype` (training's final samples share it).
     """
     model = {
         "pipeline": str(Path(pipeline_dir).resolve()),
@@ -94,7 +98,7 @@ def generate_missing(
         write_json_atomically({"model": model, "sampler": setting, "images": {**known, **wanted}}, manifest_path)
         if not todo:
             return 0
-        with loaded_pipeline(pipeline_dir, device, dtype) as pipe:
+        with nullcontext(pipe) if pipe is not None else loaded_pipeline(pipeline_dir, device, dtype) as pipe:
             # the size the pipeline renders when none is given (FLUX's and SD3's keep it as default_sample_size)
             sample_size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
             native = sample_size * pipe.vae_scale_factor

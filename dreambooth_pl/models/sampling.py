@@ -62,11 +62,23 @@ def render(
     settings: SamplerSettings,
     desc: str | None = None,
 ) -> Iterator[tuple[int, Image.Image]]:
-    """Yield (index, image) for each prompt/seed pair, batch by batch."""
+    """Yield (index, image) for each prompt/seed pair, batch by batch. The pipeline's own scheduler is put
+    back afterwards: a pipeline shared by several renders (final samples, then evaluation) samples each with
+    its settings' scheduler built from the model's config, as a freshly loaded one would."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    loaded = pipe.scheduler
     use_scheduler(pipe, settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
+    try:
+        yield from _render_batches(pipe, prompts, seeds, settings, desc)
+    finally:
+        pipe.scheduler = loaded
+
+
+def _render_batches(
+    pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings, desc
+) -> Iterator[tuple[int, Image.Image]]:
     with tqdm(total=len(prompts), desc=desc, unit="img", disable=desc is None) as bar:
         for start in range(0, len(prompts), settings.batch_size):
             stop = min(start + settings.batch_size, len(prompts))

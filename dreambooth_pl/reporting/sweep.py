@@ -18,11 +18,15 @@ class SweepReport(Callback):
     """The base model prompted with the runs' identifier is Table 1's reference row and the language-drift
     grid's first row; each world in `worlds` adds its own control rows for the subjects it knows (the toy
     world: the base model prompted with the subject's attribute words, the renderer's ground truth and its
-    look-alike). `base_model` None evaluates no control row."""
+    look-alike). `base_model` None evaluates no control row. Control evaluations are kept in `cache_dir`
+    (evaluation/cache.py), so a later sweep over the same subjects copies them; None renders them each time."""
 
-    def __init__(self, base_model: str | dict | None = None, worlds: dict[str, World] | None = None) -> None:
+    def __init__(
+        self, base_model: str | dict | None = None, worlds: dict[str, World] | None = None, cache_dir: str | None = None
+    ) -> None:
         self.base_model = base_model
         self.worlds = list((worlds or {}).values())
+        self.cache_dir = cache_dir
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -40,7 +44,7 @@ class SweepReport(Callback):
 
     def evaluate_controls(self, config: DictConfig, sweep_dir: Path, runs: list[dict]) -> None:
         """Every control row of every swept subject, into `<sweep dir>/<method>/<subject>`."""
-        from dreambooth_pl.evaluation.evaluate import evaluate_run  # diffusers and transformers load only here
+        from dreambooth_pl.evaluation.cache import evaluate_cached  # diffusers and transformers load only here
         from dreambooth_pl.util.config import resolve_path
 
         base_model = resolve_path(self.base_model)  # a folder, or the tiny model's `_target_` that builds one
@@ -51,7 +55,8 @@ class SweepReport(Callback):
             jobs = [ControlJob(BASE_ROW.method, run["identifier"])]
             jobs += [job for world in self.worlds for job in world.control_jobs(run)]
             for job in jobs:
-                evaluate_run(
+                evaluate_cached(
+                    self.cache_dir,
                     base_model if job.draw is None else None,
                     str(sweep_dir / job.method / subject),
                     eval_cfg,

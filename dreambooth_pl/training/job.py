@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from dreambooth_pl.text.identifier import resolve_identifier
 from dreambooth_pl.runs.loggers import close_loggers, wandb_location
 from dreambooth_pl.training.methods import FineTuneMethod, TextualInversion
 from dreambooth_pl.models.hub import require_reachable
-from dreambooth_pl.models.pipelines import load_tokenizer
+from dreambooth_pl.models.pipelines import load_tokenizer, loaded_pipeline
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.training.validation import Validation, validation_problems, validation_prompts
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
@@ -339,25 +340,35 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
         retire_eval(output_dir)
         result["pipeline"] = str(method.export(module, output_dir, run_info, cfg.export.dtype))
         log.info("Exported the fine-tuned model (%s) to %s", method.name, result["pipeline"])
-        if cfg.export.samples.prompts:
-            result["samples"] = str(
-                generate(
-                    pipeline=result["pipeline"],
-                    output_dir=str(output_dir / layout.FINAL_SAMPLES),
-                    **OmegaConf.to_container(cfg.export.samples, resolve=True),
-                )
-            )
+        result.update(render_export(cfg, result["pipeline"], run_info, loggers))
+    return result
+
+
+def render_export(cfg: DictConfig, pipeline: str, run_info: dict, loggers: list) -> dict:
+    """The final samples and the evaluation of the export, from one load of it when both render on the same
+    device in the same dtype (render() puts back the scheduler the samples swap, so the evaluation's numbers
+    are those of a fresh load)."""
+    samples = OmegaConf.to_container(cfg.export.samples, resolve=True)
+    device, dtype = cfg.eval.device, cfg.eval.dtype
+    same_place = (samples.get("device"), samples.get("dtype")) == (device, dtype)
+    shared = bool(samples["prompts"]) and cfg.eval.enabled and same_place
+    rendered = {}
+    with loaded_pipeline(pipeline, device, dtype) if shared else nullcontext() as pipe:
+        if samples["prompts"]:
+            output_dir = str(Path(cfg.paths.output_dir) / layout.FINAL_SAMPLES)
+            rendered["samples"] = str(generate(pipeline=pipeline, output_dir=output_dir, pipe=pipe, **samples))
         if cfg.eval.enabled:
-            result["eval"] = evaluate_run(
-                pipeline_dir=result["pipeline"],
-                output_dir=str(output_dir),
+            rendered["eval"] = evaluate_run(
+                pipeline_dir=pipeline,
+                output_dir=str(Path(cfg.paths.output_dir)),
                 eval_cfg=cfg.eval,
                 real_images_dir=run_info["real_images_dir"],
                 subject=cfg.subject.name,
                 class_noun=cfg.subject.class_noun,
-                identifier=prompts["identifier"],
-                instance_class_noun=prompts["class_noun"],
+                identifier=run_info["identifier"],
+                instance_class_noun=run_info["class_noun"],
                 run_meta=run_meta_from_config(cfg),
                 loggers=loggers,
+                pipe=pipe,
             )
-    return result
+    return rendered
