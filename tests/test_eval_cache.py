@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth_pl import generate as generate_module
-from dreambooth_pl.evaluation import evaluate as evaluate_module
+from dreambooth_pl.evaluation import render as render_module
 from dreambooth_pl.evaluation.cache import evaluate_cached
 from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.models import pipelines as models_module
@@ -28,7 +28,7 @@ QUICK += ["eval.pres.num_images=2"]
 def counted(monkeypatch) -> dict:
     """The real renderer and pipeline loader, counting the images they render and the folders they load."""
     counts = {"images": 0, "loads": []}
-    render, load = evaluate_module.render, models_module.load_pipeline
+    render, load = render_module.render, models_module.load_pipeline
 
     def counting_render(*args, **kwargs):
         for item in render(*args, **kwargs):
@@ -39,7 +39,7 @@ def counted(monkeypatch) -> dict:
         counts["loads"].append(str(pretrained))
         return load(pretrained, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "render", counting_render)
+    monkeypatch.setattr(render_module, "render", counting_render)
     monkeypatch.setattr(models_module, "load_pipeline", counting_load)
     monkeypatch.setattr(generate_module, "load_pipeline", counting_load)
     return counts
@@ -96,7 +96,7 @@ def test_a_drawn_control_is_keyed_by_its_drawing(tmp_path, counted):
 @pytest.mark.slow  # a toy training run with its final samples and evaluation
 def test_the_export_is_loaded_once_for_samples_and_evaluation_with_a_fresh_loads_numbers(tmp_path, counted, cache_dir):
     overrides = ["model=toy", "subject=toy_teapot", "logger=none", f"paths.toyworld_dir={TOYWORLD}", *QUICK]
-    overrides += ["trainer.max_steps=2", "prior.enabled=false", "callbacks.samples.every_n_steps=0"]
+    overrides += ["trainer.max_steps=2", "prior.enabled=false", "callbacks.samples.every_n_steps=0", "validation.enabled=false"]
     overrides += ["export.samples.images_per_prompt=1", "sampler.num_inference_steps=2"]
     overrides += ["sampler.scheduler=diffusers.DDIMScheduler", "eval.enabled=true"]  # samples: another sampler
     cfg = compose_train(overrides, tmp_path / "run", cache_dir)

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dreambooth_pl.evaluation.evaluate import METRIC_NAMES, METRICS_FILE, evaluate_run
+from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.runs.export import write_dir_atomically
 from dreambooth_pl.runs.files import ProcessLock, atomic_file
+from dreambooth_pl.runs.layout import EVAL_DIR, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def evaluate_cached(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = f"{subject}-{(run_meta or {}).get('method', 'base')}"
     entry = Path(cache_dir) / f"{''.join(c if c.isalnum() or c in '_-' else '_' for c in name)[:60]}-{digest}"
-    eval_dir = Path(output_dir) / "eval"
+    eval_dir = Path(output_dir) / EVAL_DIR
     entry.parent.mkdir(parents=True, exist_ok=True)
     with ProcessLock(entry.parent / f"{entry.name}.lock", f"the cached evaluation {entry.name}"):
         if (entry / METRICS_FILE).is_file():
@@ -119,7 +120,7 @@ def evaluate_cached(
                 "eval_dir": str(eval_dir),
                 "metrics_file": str(eval_dir / METRICS_FILE),
                 "generated": 0,
-                **{name: metrics.get(name) for name in METRIC_NAMES},
+                **metrics,
             }
         result = evaluate_run(pipeline_dir, output_dir, settings, *args, run_meta=run_meta, draw=draw)
         with atomic_file(eval_dir / KEY_FILE, "w") as handle:
