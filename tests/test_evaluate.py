@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -341,7 +342,12 @@ def test_rerun_reuses_every_image(sweep, tmp_path_factory, monkeypatch):
         + ["eval.div.enabled=false"]
         + ["logger.wandb=null"]  # no W&B run inside the test process
     )
-    result = evaluate_from_config(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the sweep's job scored on one thread (cpu_threads=1): same threads, same rounding
+    try:
+        result = evaluate_from_config(cfg)
+    finally:
+        torch.set_num_threads(threads)
     assert result["generated"] == 0
     assert read_metrics(sweep / "1")["metrics"] == before["metrics"]
 

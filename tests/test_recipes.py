@@ -30,7 +30,7 @@ def test_toy_model_picks_each_methods_recipe(tmp_path, cache_dir):
 
 def test_models_without_a_recipe_keep_the_methods_defaults(tmp_path, cache_dir):
     lora = compose_train(["model=tiny", "method=lora"], tmp_path, cache_dir)
-    assert (lora.method.rank, lora.method.alpha, lora.module.optimizer.lr) == (4, 4, 1.0e-4)
+    assert (lora.method.rank, lora.method.alpha, lora.module.optimizer.lr) == (4, None, 1.0e-4)  # alpha null: the rank
     assert list(lora.method.target_modules) == ["to_q", "to_k", "to_v", "to_out.0"]
     assert lora.trainer.max_steps == compose_train(["model=tiny"], tmp_path, cache_dir).trainer.max_steps
     ti = compose_train(["model=tiny", "method=textual_inversion"], tmp_path, cache_dir)
@@ -41,7 +41,7 @@ def test_models_without_a_recipe_keep_the_methods_defaults(tmp_path, cache_dir):
 def test_toy_lora_recipe_trains_and_exports_its_conv_adapters(tmp_path, cache_dir):
     """A few steps of the recipe as `method=lora` runs it: the ResNet convolutions' adapters are exported
     beside the attention's, and the exported model loads them (its UNet differs from the base model's)."""
-    overrides = ["method=lora", "logger=none", "trainer.max_steps=2", "prior.enabled=false", "export.samples.prompts=null"]
+    overrides = ["method=lora", "logger=none", "trainer.max_steps=2", "validation.enabled=false", "prior.enabled=false", "export.samples.prompts=null"]
     cfg = compose_train(overrides, tmp_path, cache_dir)
     export = Path(train(cfg)["pipeline"])
     keys = load_file(export / LORA_WEIGHTS).keys()

@@ -398,7 +398,9 @@ def toy_dreambooth(tmp_path_factory):
     """DreamBooth on toy_teapot with the toy recipe (conf/model/toy.yaml), without and with prior preservation."""
     root = tmp_path_factory.mktemp("toy_dreambooth")
     toy = ["model=toy", "subject=toy_teapot", "logger=none", f"paths.toyworld_dir={TOYWORLD}"]
+    # the whole 400-step budget these checks were set at (validation off: no step selection)
     quiet = ["export.samples.prompts=[]", "callbacks.samples.every_n_steps=0", "validation.enabled=false"]
+    quiet += ["trainer.max_steps=400"]
     runs = {}
     for weight in (0.0, 1.0):
         cfg = compose_train([*toy, *quiet, f"prior.weight={weight}"], root / str(weight), root / "cache")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -179,8 +180,7 @@ def test_config_errors_print_the_message_without_a_traceback(tmp_path, cache_dir
 @pytest.mark.slow
 def test_unreachable_models_fail_in_seconds_before_any_class_image(tmp_path, cache_dir):
     """Offline with eval.enabled, and a hub model with the Hub out of reach: stop before the first class image."""
-    prompts = tmp_path / "prompts_and_classes.txt"
-    prompts.write_text("")
+    prompts = REPO / "toyworld" / "dataset" / "prompts_and_classes.txt"  # a readable prompt list: it is checked first
     base = [sys.executable, str(REPO / "train.py"), *FAST, "subject=demo", f"paths.cache_dir={tmp_path / 'cache'}"]
     base += [f"paths.dreambooth_root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]
     started = time.monotonic()
@@ -288,16 +288,20 @@ def test_dashboard_offline_prints_the_report_it_would_create(sweep):
 
 @pytest.mark.slow
 def test_a_failed_job_ends_its_wandb_run_and_the_next_job_gets_its_own(tmp_path, cache_dir):
-    """Job 0 fails after its W&B run started (its evaluation's prompt file holds no prompt lists, which is
-    read only when it evaluates); job 1 (no evaluation), in the same process, must get a run of its own."""
-    prompts = tmp_path / "prompts_and_classes.txt"
-    prompts.write_text("subject_name,class\n")
-    tiny = tiny_eval_overrides(tiny_embedding_models(tmp_path / "embedders"))
+    """Job 0 fails after its W&B run started (its evaluation's DINO weights are truncated, which only loading
+    them finds, when it evaluates); job 1 (no evaluation), in the same process, must get a run of its own."""
+    prompts = REPO / "toyworld" / "dataset" / "prompts_and_classes.txt"
+    models = tiny_embedding_models(tmp_path / "embedders")
+    damaged = tmp_path / "damaged-dino"
+    shutil.copytree(models["dino"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    tiny = tiny_eval_overrides({**models, "dino": str(damaged)})
     sweep = tmp_path / "sweep"
     command = [sys.executable, str(REPO / "train.py"), "-m", *TRAIN, "eval.enabled=true,false", *tiny]
     command += [f"eval.prompts_file={prompts}", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache_dir}"]
     proc = run([*command, f"paths.dreambooth_root={tmp_path}"], tmp_path, expect=1)
-    assert "found no Object Prompts and Live Subject Prompts lists" in proc.stdout + proc.stderr
+    assert "is a damaged model folder" in proc.stdout + proc.stderr
     failed, succeeded = wandb_runs(sweep / "0"), wandb_runs(sweep / "1")
     assert len(failed) == len(succeeded) == 1 and failed[0]["id"] != succeeded[0]["id"]
     assert (failed[0]["exit_code"], succeeded[0]["exit_code"]) == (1, 0)
