@@ -209,10 +209,10 @@ def test_the_report_overlays_each_runs_tradeoff_curve_and_lists_the_selected_ste
 
     figure = Image.open(written["tradeoff"]).convert("RGB")
     assert figure.size == (1000, 640)
-    # DINO spans 0.2..0.7, padded 8%: 0.16..0.74 over x 70..670; CLIP-T 0.25..0.35, padded 0.01 (the least
-    # padding): 0.24..0.36 over y 580..50
+    # CLIP-T across, as each run's own figure: 0.25..0.35, padded 0.01 (the least padding): 0.24..0.36 over
+    # x 70..670; DINO up: 0.2..0.7, padded 8%: 0.16..0.74 over y 580..50
     def at(dino, clip_t):
-        return 70 + (dino - 0.16) / 0.58 * 600, 580 - (clip_t - 0.24) / 0.12 * 530
+        return 70 + (clip_t - 0.24) / 0.12 * 600, 580 - (dino - 0.16) / 0.58 * 530
 
     rows = sorted(["DreamBooth (sd15, PPL λ=1)", "DreamBooth (sd15, no PPL)"])  # colours in row order
     blue, orange = (31, 119, 180), (255, 127, 14)

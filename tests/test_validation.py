@@ -122,7 +122,8 @@ def test_validation_outputs_and_the_export_is_the_selected_step(best_run):
     (row,) = [r for r in table if r["step"] == step]
     assert selected["metrics"] == {k: pytest.approx(v) for k, v in row.items() if k != "step"}
     assert json.loads((Path(result["pipeline"]) / "dreambooth.json").read_text())["validation"]["step"] == step
-    assert Image.open(run_dir / "validation" / "tradeoff.png").size == (480, 480)
+    assert Image.open(run_dir / "validation" / "tradeoff.png").size == (640, 520)
+    assert not (run_dir / "samples").exists()  # validation rendered the last step: no sample grid beside it
     assert {p.name for p in (run_dir / "validation").glob("step_*.png")} == {f"step_{s:06d}.png" for s in (0, 2, 4, 6)}
 
     exported = load_file(Path(result["pipeline"]) / "unet" / "diffusion_pytorch_model.safetensors")
@@ -200,6 +201,7 @@ def test_select_last_exports_bit_for_bit_what_a_run_without_validation_exports(t
     last = run(tmp_path / "last", cache_dir, [*short, "validation.select=last"])
     plain = run(tmp_path / "plain", cache_dir, [*short, "validation.enabled=false"])
     assert not (tmp_path / "plain" / "validation").exists()
+    assert [p.name for p in (tmp_path / "plain" / "samples").iterdir()] == ["step_000004.png"]
     assert json.loads((tmp_path / "last" / "validation" / "selected.json").read_text())["step"] == 4
     files = sorted(p.relative_to(plain["pipeline"]) for p in Path(plain["pipeline"]).rglob("*.safetensors"))
     assert files

@@ -12,13 +12,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.runs.layout import SAMPLES
+from dreambooth_pl.training.validation import Validation
 from dreambooth_pl.util.images import image_grid, save_atomically
 
 log = logging.getLogger(__name__)
 
 
 class SampleGrid(L.Callback):
-    """Every `every_n_steps` (and at the end) render the datamodule's validation prompts.
+    """Every `every_n_steps` (and at the end, unless validation rendered that step) render the datamodule's
+    validation prompts.
 
     The grid has one row per prompt and `images_per_prompt` fixed seeds per row, so grids from
     different steps compare image by image. Saved as PNG and logged to W&B when it is active.
@@ -44,6 +46,10 @@ class SampleGrid(L.Callback):
             self.log_grid(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        step = trainer.global_step
+        if any(isinstance(c, Validation) and c.validated(step) for c in trainer.callbacks):
+            log.info("No sample grid at step %d: validation rendered it (validation/step_%06d.png)", step, step)
+            return
         self.log_grid(trainer, pl_module)
 
     @rank_zero_only

@@ -25,12 +25,12 @@ from dreambooth_pl.evaluation.evaluate import Scorers, load_readers, score
 from dreambooth_pl.evaluation.protocol import SEED_STRIDE, EvalPrompt
 from dreambooth_pl.evaluation.render import plan_images
 from dreambooth_pl.models.sampling import SamplerSettings, render
-from dreambooth_pl.reporting.tradeoff import draw_tradeoff
 from dreambooth_pl.runs.files import atomic_file
 from dreambooth_pl.runs.layout import TRADEOFF_FIGURE, VALIDATION_CURVE, VALIDATION_DIR, VALIDATION_SELECTED
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
 from dreambooth_pl.util.config import ConfigError, non_finite
 from dreambooth_pl.util.images import image_grid, list_images, load_rgb, save_atomically
+from dreambooth_pl.util.tradeoff_plot import PlotCurve, tradeoff_plot
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,13 @@ class Validation(L.Callback):
         self.validate(trainer, pl_module)  # a run that ended off the cadence (max_epochs)
         self.finish(trainer)
 
+    def validated(self, step: int) -> bool:
+        return any(row["step"] == step for row in self.history)
+
     @rank_zero_only
     def validate(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
-        if self.stopped or any(row["step"] == step for row in self.history):
+        if self.stopped or self.validated(step):
             return
         started = time.perf_counter()
         try:
@@ -252,7 +255,9 @@ class Validation(L.Callback):
                 json.dump(self.selection, handle, indent=2)
             if self.history:
                 floor = self.history[0]["clip_t"] - drop if best else None
-                save_atomically(draw_tradeoff(self.history, self.metric, step, floor), self.dir / TRADEOFF_FIGURE)
+                curve = PlotCurve("run", "", [(r["step"], r["clip_t"], r[self.metric]) for r in self.history], step)
+                figure = tradeoff_plot([curve], self.metric.upper().replace("_", "-"), floor)
+                save_atomically(figure, self.dir / TRADEOFF_FIGURE)
         except OSError as err:
             log.warning("Validation could not write its selection in %s (%s); the export goes on", self.dir, err)
         log.info("Validation selected step %s (%s)", step, self.selection["rule"])
