@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +37,6 @@ from dreambooth_pl.training.validation import Validation, validation_problems, v
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
-# Lightning 2.6's FitLoop.on_run_start warns about every named_modules() entry in eval mode, and offers no
-# switch. The frozen VAE and text encoders are in eval on purpose (T5's dropout would noise the conditioning),
-# and they stay in the module tree, where Lightning moves them to the device, setup() casts them under half
-# precision and DDP/FSDP wrap them: kept outside it, every strategy would need our own device and dtype
-# handling, which the CPU tests cannot check. So the notice is filtered, not fixed.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-# The datamodule's checkpointed state (data.py) is what makes a mid-epoch resume exact, which Lightning's
-# dataloader check cannot see.
-warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-# A run folder is resumed in place by design (resume.py; one run at a time, under its lock).
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
