@@ -26,6 +26,7 @@ from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.models.pipelines import load_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.training.job import build_run
+from dreambooth_pl.util.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def run_bench(cfg: DictConfig) -> dict:
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     generation = {}
     if bench.images:
+        use_cpu_threads(cfg.cpu_threads, device.type)  # the bench's own threads, whichever variant ran last
         generation = {
             "class_images_per_s": images_per_s(cfg, sampler, bench.images, device, bench.generation_dtype),
             "eval_images_per_s": images_per_s(

@@ -16,6 +16,7 @@ from dreambooth_pl.runs.layout import RUN_INFO
 from dreambooth_pl.text.prompts import fill_prompt
 from dreambooth_pl.util.config import ConfigError, exit_on_config_error
 from dreambooth_pl.util.images import image_grid
+from dreambooth_pl.util.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def main(cfg: DictConfig) -> None:
                 f"generate.pipeline={cfg.generate.pipeline!r}: no exported model there (no {RUN_INFO} or "
                 "model_index.json): pass a run's pipeline/, lora/ or textual_inversion/ folder."
             )
+        use_cpu_threads(cfg.cpu_threads, cfg.generate.device)
         return generate(**hydra.utils.instantiate(cfg.generate, _convert_="all"))
 
     exit_on_config_error(job)

@@ -126,6 +126,15 @@ FAST = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def quiet_console() -> None:
+    """The warnings a user's run filters (util/console.py), filtered in each test too: pytest resets the
+    filters that importing the package set."""
+    from dreambooth_pl.util.console import quiet_libraries
+
+    quiet_libraries()
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache for the session: the tiny model is built once and class images are shared."""

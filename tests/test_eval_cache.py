@@ -124,3 +124,23 @@ def test_render_puts_back_the_scheduler_the_pipeline_was_loaded_with():
     settings = SamplerSettings("diffusers.DDIMScheduler", num_inference_steps=1, resolution=32, batch_size=1)
     ((index, image),) = render(pipe, ["a sks teapot"], [0], settings)
     assert (index, image.size) == (0, (32, 32)) and pipe.scheduler is loaded
+
+
+def test_an_image_is_the_same_rendered_alone_or_in_a_batch():
+    """The evaluation renders eval.sampler.batch_size images at once, each from its own seed's generator, and its
+    manifest reuses an image whatever batch made it: batching may move a pixel by float rounding, no more."""
+    import dataclasses
+
+    import numpy as np
+
+    from dreambooth_pl.models.pipelines import load_pipeline
+    from dreambooth_pl.models.sampling import SamplerSettings, render
+
+    pipe = load_pipeline(str(TOYWORLD / "pipeline"), "cpu")
+    prompts, seeds = ["a teapot in the snow"] * 2 + ["a red teapot"] * 2, [0, 1, 1000, 1001]
+    settings = SamplerSettings(num_inference_steps=3, guidance_scale=5.0, resolution=64, batch_size=4)
+    batched = [np.asarray(image, dtype=int) for _, image in render(pipe, prompts, seeds, settings)]
+    one_by_one = dataclasses.replace(settings, batch_size=1)
+    alone = [np.asarray(image, dtype=int) for _, image in render(pipe, prompts, seeds, one_by_one)]
+    assert max(int(np.abs(a - b).max()) for a, b in zip(batched, alone, strict=True)) <= 1  # 1/255
+    assert not np.array_equal(batched[0], batched[1])  # each image its own noise

@@ -310,14 +310,15 @@ def test_metrics_json_has_every_field_in_range(sweep, run, weight, per_prompt):
         assert (sweep / run / "eval" / row["file"]).is_file()
     mean_dino = sum(r["dino"] for r in record["images"]) / n
     assert metrics["dino"] == pytest.approx(mean_dino)
-    grid = Image.open(sweep / run / "eval" / "grid.png")
-    assert grid.size == (64 * per_prompt, 64 * 2)  # a row per prompt
+    with Image.open(sweep / run / "eval" / "grid.png") as grid:
+        assert grid.size == (64 * per_prompt, 64 * 2)  # a row per prompt
     assert (sweep / run / "eval" / "pres_grid.png").is_file()
 
 
 @needs_dataset
 def test_loggers_receive_the_summary_and_wandb_the_image_table(sweep):
-    rows = list(csv.DictReader((sweep / "0" / "csv" / "version_0" / "metrics.csv").open()))
+    with (sweep / "0" / "csv" / "version_0" / "metrics.csv").open() as lines:
+        rows = list(csv.DictReader(lines))
     assert {"eval/dino", "eval/clip_i", "eval/clip_t", "eval/pres", "eval/div"} <= set(rows[0])
     assert float(rows[0]["eval/dino"]) == pytest.approx(read_metrics(sweep / "0")["metrics"]["dino"], abs=1e-6)
     run_files = list((sweep / "0" / "wandb").glob("offline-run-*/run-*.wandb"))

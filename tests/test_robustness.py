@@ -419,14 +419,15 @@ def test_a_checkpoint_file_is_always_whole_even_on_a_full_disk(tmp_path, monkeyp
 
 @needs_dataset
 def test_resume_from_last_skips_an_unreadable_checkpoint(tmp_path, cache_dir, caplog):
-    first = [*FAST, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2", "export.enabled=false"]
-    train(compose_train([*first, "callbacks.checkpoint.save_top_k=1"], tmp_path, cache_dir))  # keeps step 4 too
+    every_2 = [*FAST, "callbacks.checkpoint.every_n_train_steps=2"]  # the resumed run's too: Lightning warns otherwise
+    first = [*every_2, "trainer.max_steps=4", "export.enabled=false", "callbacks.checkpoint.save_top_k=1"]
+    train(compose_train(first, tmp_path, cache_dir))  # save_top_k=1 keeps step 4 too
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # what a full disk left before checkpoints were written whole
     (readable,) = tmp_path.glob("checkpoints/epoch=*-step=4.ckpt")
     os.utime(readable, (time.time() - 60,) * 2)  # older than the truncated last.ckpt
     with caplog.at_level(logging.WARNING):
-        result = train(compose_train([*FAST, "trainer.max_steps=6", "ckpt_path=last"], tmp_path, cache_dir))
+        result = train(compose_train([*every_2, "trainer.max_steps=6", "ckpt_path=last"], tmp_path, cache_dir))
     assert "Skipping ckpt_path=" in caplog.text and "last.ckpt" in caplog.text
     assert result["global_step"] == 6  # resumed at step 4, not from scratch
 

@@ -51,6 +51,7 @@ from dreambooth_pl.runs.loggers import close_loggers
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.util.images import list_images, load_rgb
+from dreambooth_pl.util.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ def find_export(run_dir: str | os.PathLike) -> Path:
 
 def evaluate_from_config(cfg: DictConfig) -> dict:
     """The standalone job: resolve the export, the subject and the real photos, then `evaluate_run`."""
+    use_cpu_threads(cfg.cpu_threads, cfg.eval.device)
     if not (cfg.run_dir or cfg.pipeline):
         raise ConfigError("Set run_dir=<training run folder> or pipeline=<exported model folder>.")
     if cfg.pipeline and not Path(cfg.pipeline).is_dir():

@@ -46,9 +46,11 @@ class SweepReport(Callback):
         """Every control row of every swept subject, into `<sweep dir>/<method>/<subject>`."""
         from dreambooth_pl.evaluation.cache import evaluate_cached  # diffusers and transformers load only here
         from dreambooth_pl.util.config import resolve_path
+        from dreambooth_pl.util.threads import use_cpu_threads
 
         base_model = resolve_path(self.base_model)  # a folder, or the tiny model's `_target_` that builds one
         eval_cfg = OmegaConf.to_container(config.eval, resolve=True)
+        use_cpu_threads(config.cpu_threads, eval_cfg["device"])  # a launcher may have run the jobs elsewhere
         model = OmegaConf.select(config, "model.name")
         for subject in sorted({r["subject"] for r in runs}):
             run = next(r for r in runs if r["subject"] == subject)

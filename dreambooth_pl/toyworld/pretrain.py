@@ -37,6 +37,7 @@ from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.runs.export import save_pipeline_atomically, write_dir_atomically
 from dreambooth_pl.models.families import Components, get_family
 from dreambooth_pl.util.images import image_grid, save_atomically
+from dreambooth_pl.util.threads import use_cpu_threads
 from dreambooth_pl.training.losses import dreambooth_loss, snr_weights
 from dreambooth_pl.models.pipelines import load_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
@@ -489,8 +490,7 @@ def build(cfg: DictConfig) -> dict:
     if not 0 < cfg.closeups.crop < 1:  # before the stages ahead of `subjects` train for an hour
         raise ConfigError(f"closeups.crop={cfg.closeups.crop} must be between 0 and 1 (the share of the height shown)")
     out = Path(cfg.out_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_cpu_threads(cfg.threads, "cpu", option="threads")
     results: dict = {}
     data = None
     classifier = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from dreambooth_pl.runs.checkpoints import check_checkpoint_fits, resolve_ckpt_p
 from dreambooth_pl.util.config import ConfigError, log_paths, non_finite, resolve_path
 from dreambooth_pl.util.console import one_console_handler
 from dreambooth_pl.util.images import list_images
+from dreambooth_pl.util.threads import cpu_threads_problems, use_cpu_threads
 from dreambooth_pl.training.data import DreamBoothDataModule
 from dreambooth_pl.checks import check_eval_config, quantize_problems, seed_problems
 from dreambooth_pl.evaluation.evaluate import evaluate_run
@@ -37,12 +37,6 @@ from dreambooth_pl.training.validation import Validation, validation_problems, v
 from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
 
 log = logging.getLogger(__name__)
-# The frozen VAE (and text encoder) are in eval mode on purpose, and the datamodule's checkpointed state
-# (data.py) is what makes a mid-epoch resume exact, which Lightning's dataloader check cannot see.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-# A run folder is resumed in place by design (resume.py; one run at a time, under its lock).
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -77,8 +71,7 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     if cfg.sampler.resolution != cfg.model.resolution and (cfg.sampler.resolution % 8 or cfg.sampler.resolution < 8):
         problems.append(f"sampler.resolution={cfg.sampler.resolution} must be a positive multiple of 8")
-    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
-        problems.append(f"cpu_threads={cfg.cpu_threads} must be >= 1 (or null for torch's default)")
+    problems += cpu_threads_problems(cfg.cpu_threads)
     if cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
     if cfg.prior.weight < 0:
@@ -192,14 +185,6 @@ def warn_toy_model_on_photos(cfg: DictConfig, pretrained: str, instance_dir: str
     )
 
 
-def use_cpu_threads(cfg: DictConfig) -> None:
-    """torch's intra-op threads for a run on the CPU. The inter-op pool is left alone: it serves only
-    torch.jit.fork, which nothing here calls."""
-    on_gpu = cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
-    if cfg.cpu_threads is not None and not on_gpu:
-        torch.set_num_threads(cfg.cpu_threads)
-
-
 @dataclass
 class Run:
     """What a training job is built from; `bench` builds the same pieces."""
@@ -215,7 +200,7 @@ class Run:
 def build_run(cfg: DictConfig) -> Run:
     """Checks, prompts, data and model, in the order that reports bad input before loading weights."""
     check_config(cfg)
-    use_cpu_threads(cfg)
+    use_cpu_threads(cfg.cpu_threads, cfg.trainer.accelerator)
     instance_dir = resolve_path(cfg.subject.instance_dir)
     require_photos(cfg, instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
