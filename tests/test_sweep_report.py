@@ -220,6 +220,8 @@ def test_the_report_overlays_each_runs_tradeoff_curve_and_lists_the_selected_ste
     x, y = at(0.6, 0.3)  # the lambda-1 run's selected step: filled in its row's colour, ringed in black
     assert figure.getpixel((round(x), round(y))) == colour["DreamBooth (sd15, PPL λ=1)"]
     assert figure.getpixel((round(x + 6), round(y))) == (0, 0, 0)
+    x, y = at(0.25, 0.345)  # the lambda-1 row's step 0: the mean of s1's and s2's, a square's left edge
+    assert figure.getpixel((round(x - 5), round(y))) == colour["DreamBooth (sd15, PPL λ=1)"]
     x, y = at(0.7, 0.25)  # the no-PPL run's last step: a small dot in its colour, not ringed
     assert figure.getpixel((round(x), round(y))) == colour["DreamBooth (sd15, no PPL)"]
     assert figure.getpixel((round(x + 6), round(y))) == (255, 255, 255)

@@ -78,17 +78,24 @@ def _plotted(point: dict) -> bool:
 
 
 def tradeoff_figure(curves: list[Curve]) -> Image.Image | None:
-    """Every run's DINO against CLIP-T at each validated step, coloured by row; None without points."""
-    plotted = [
-        PlotCurve(
-            c.row,
-            c.run["subject"],
-            [(step, p["clip_t"], p["dino"]) for step, p in c.points.items() if _plotted(p)],
-            c.selected["step"] if c.selected else None,
-        )
-        for c in curves
-    ]
-    return tradeoff_plot(plotted, "DINO")
+    """A row's curve is the mean of its runs' DINO and CLIP-T at each validated step (over the runs that
+    validated it), and each run's kept step a ringed mark: one run per subject would be a tangle. None
+    without points."""
+    steps: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    marks = []
+    for curve in curves:
+        row = steps.setdefault(curve.row, {})
+        for step, point in curve.points.items():
+            if _plotted(point):
+                row.setdefault(step, []).append((point["clip_t"], point["dino"]))
+        kept = curve.selected and curve.points.get(curve.selected["step"])
+        if kept and _plotted(kept):
+            marks.append((curve.row, kept["clip_t"], kept["dino"]))
+    def mean(values: list[tuple[float, float]]) -> tuple[float, float]:
+        return sum(x for x, _ in values) / len(values), sum(y for _, y in values) / len(values)
+
+    means = [PlotCurve(row, "", [(s, *mean(v)) for s, v in sorted(at.items())]) for row, at in steps.items()]
+    return tradeoff_plot(means, "DINO", marks=marks)
 
 
 def _rule(selected: dict) -> str:

@@ -68,21 +68,29 @@ def _legend(draw: ImageDraw.ImageDraw, colours: dict[str, str], left: int, top: 
         draw.text((left + 18, y), text if len(text) <= 48 else text[:45] + "...", fill="black", font=font)
 
 
-def tradeoff_plot(curves: list[PlotCurve], y_label: str, floor: float | None = None) -> Image.Image | None:
+def _ring(draw: ImageDraw.ImageDraw, at: tuple[float, float], colour: str) -> None:
+    x, y = at
+    draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=colour, outline="black", width=2)
+
+
+def tradeoff_plot(
+    curves: list[PlotCurve], y_label: str, floor: float | None = None, marks: list[tuple[str, float, float]] = ()
+) -> Image.Image | None:
     """The curves on shared axes, None without points. One curve: every step labelled, and `floor` (the
-    selection rule's lowest CLIP-T) a grey vertical line. Several: coloured by group, with a legend."""
+    selection rule's lowest CLIP-T) a grey vertical line. Several: coloured by group, with a legend.
+    `marks`: (group, CLIP-T, subject fidelity) points drawn ringed in their group's colour (kept steps)."""
     curves = [c for c in curves if c.points]
     if not curves:
         return None
-    single = len(curves) == 1
+    single = len(curves) == 1 and not marks
     size = (640, 520) if single else (1000, 640)
-    xs = [x for c in curves for _, x, _ in c.points] + ([floor] if floor is not None else [])
-    ys = [y for c in curves for *_, y in c.points]
+    xs = [x for c in curves for _, x, _ in c.points] + [x for _, x, _ in marks] + ([floor] if floor is not None else [])
+    ys = [y for c in curves for *_, y in c.points] + [y for *_, y in marks]
     axes = _Axes(70, 50, size[0] - (40 if single else 330), size[1] - 60, _span(xs), _span(ys))
     image = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    what = "one point per validated step" if single else "a line per run"
-    title = f"Validation during training: {what}; square: step 0 (the base model); ringed: the kept step"
+    what = "one point per validated step" if single else "a row's mean over its runs at each validated step"
+    title = f"Validation during training: {what}; square: step 0 (the base model); ringed: a kept step"
     _frame(draw, axes, y_label, title, font)
     if floor is not None:
         fx, _ = axes.at(floor, axes.y[0])
@@ -102,11 +110,12 @@ def tradeoff_plot(curves: list[PlotCurve], y_label: str, floor: float | None = N
             if single:
                 draw.text((x + 7, y - 12), str(step), fill="black", font=font)
         if curve.selected in xy:
-            x, y = xy[curve.selected]
-            draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=colour, outline="black", width=2)
-        if not single:
+            _ring(draw, xy[curve.selected], colour)
+        if curve.name:
             x, y = xy[max(xy)]  # the curve's name at its last step
             draw.text((x + 7, y - 14), curve.name, fill=colour, font=font)
+    for group, x, y in marks:
+        _ring(draw, axes.at(x, y), colours.setdefault(group, PALETTE[len(colours) % len(PALETTE)]))
     if not single:
         _legend(draw, colours, axes.right + 16, axes.top, font)
     return image
