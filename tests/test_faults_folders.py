@@ -126,12 +126,15 @@ def test_a_sweep_into_a_folder_that_holds_something_else_is_refused(tmp_path):
     assert records(photos) == {"0/keep.png": b"mine"} and (trained / "checkpoints" / "last.ckpt").read_bytes()
 
     (trained / "checkpoints" / "last.ckpt").unlink()  # now an earlier sweep's failed job: run again
+    for kept in ("report", "base/toy_teapot"):  # the report and a control row: the sweep's own, not job folders
+        (sweep / kept).mkdir(parents=True)
+        (sweep / kept / "keep.md").write_text("mine")
     output = train_py([*SWEEP, f"hydra.sweep.dir={sweep}"], tmp_path, expect=1)
     assert f"[sweep] 2 job(s) of {sweep} failed" in output and "trainer.max_steps" in output
+    assert (sweep / "report" / "keep.md").read_text() == (sweep / "base/toy_teapot/keep.md").read_text() == "mine"
 
 
-@pytest.mark.parametrize("folder", ["conf", "docs", "tests", "dreambooth_pl", "conf/subject", "."])
-@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+@pytest.mark.parametrize(("folder", "sweep"), [("conf", False), ("conf/subject", False), (".", False), ("docs", True)])
 def test_a_log_dir_in_the_projects_source_is_refused(tmp_path, folder, sweep):
     target = (REPO / folder).resolve()
     name = folder.split("/")[0] if folder != "." else "conf"

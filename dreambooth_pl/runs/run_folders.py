@@ -1,9 +1,11 @@
 """What a run may be pointed at, checked before anything is written (resume.RunFolder calls these).
 
 - A run folder never lands in the project's source or shipped data, never holds them, and a default one
-  stays under `paths.log_dir` whatever `subject.name` or `sweep_name` says.
+  stays under `paths.log_dir` whatever `subject.name` or `sweep_name` says; `paths.log_dir` is never in or
+  around the project's own folders.
 - An existing folder is used only when it is empty or a run folder; a run folder that holds training results
-  only by the resume of that run.
+  only by the resume of that run. A sweep's folder likewise, and each job folder already in it.
+- Every folder a run writes can be written (a probe, `files.check_writable`): a read-only one is named.
 - A resume accepts from a saved `.hydra/overrides.yaml` only what the project's own configs could have
   produced (a closed world): `key=value` for keys the configs have, group choices that exist in `conf/`, plain
   values without `${...}` or instantiation keys, paths that stay in the run folder or the path roots.
@@ -22,7 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dreambooth_pl.runs.files import check_writable
-from dreambooth_pl.runs.layout import CHECKPOINTS, HYDRA_DIR, MULTIRUN, REPORT_DIR, REWRITTEN, RUN_INFO, RUN_LOCK
+from dreambooth_pl.runs.layout import CHECKPOINTS, HYDRA_DIR, MULTIRUN, REWRITTEN, RUN_INFO, RUN_LOCK
 from dreambooth_pl.runs.records import select
 from dreambooth_pl.util.config import CONF_DIR, PROJECT_ROOT, ConfigError, EnvironmentRead
 
@@ -131,10 +133,12 @@ def check_sweep_folder(config: DictConfig, sweep_dir: Path, default_dir: bool) -
             f"hydra.sweep.dir={sweep_dir} is not empty and is not a sweep folder (no {MULTIRUN}): its jobs would "
             "overwrite its files. Choose an empty or new folder."
         )
-    for job in entries:
-        if job.is_dir() and job.name != REPORT_DIR:
-            check_owned(job, config.get("ckpt_path") == "last", "hydra.sweep.dir")
-    check_writable(sweep_dir, "The sweep folder", "choose another hydra.sweep.dir", REWRITTEN)
+    # a job's folder (`hydra.sweep.subdir`: its number) or a run folder; not report/ or the control rows
+    jobs = [p.name for p in entries if p.is_dir() and (p.name.isdigit() or (p / HYDRA_DIR).is_dir())]
+    for job in jobs:
+        check_owned(sweep_dir / job, config.get("ckpt_path") == "last", "hydra.sweep.dir")
+    rewritten = (MULTIRUN, *(f"{job}/{name}" for job in jobs for name in REWRITTEN))
+    check_writable(sweep_dir, "The sweep folder", "choose another hydra.sweep.dir", rewritten)
 
 
 def check_owned(run_dir: Path, resuming: bool, option: str) -> None:
