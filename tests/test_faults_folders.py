@@ -91,7 +91,8 @@ def test_a_read_only_run_folder_is_named_before_any_work(tmp_path, read_only):
 def test_an_evaluation_into_a_read_only_run_folder_is_named_before_any_model_loads(tmp_path, read_only):
     run = tmp_path / "run"
     (run / "pipeline").mkdir(parents=True)
-    (run / "pipeline" / "dreambooth.json").write_text('{"subject": "toy_teapot", "identifier": "sks"}')
+    info = '{"subject": "teapot", "identifier": "sks", "class_noun": "teapot"}'  # all it needs to go on
+    (run / "pipeline" / "dreambooth.json").write_text(info)
     read_only(run)
     before = records(run)
     args = ["-m", "dreambooth_pl.evaluate", f"run_dir={run}", f"paths.dreambooth_root={DREAMBOOTH_ROOT}"]
