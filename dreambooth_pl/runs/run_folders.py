@@ -127,8 +127,8 @@ def check_sweep_folder(config: DictConfig, sweep_dir: Path, default_dir: bool) -
     trains: an existing sweep folder is reused (a failed job run again) but never one of its trained jobs
     overwritten, unless `ckpt_path=last` resumes them."""
     check_location(config, sweep_dir, "hydra.sweep.dir", default_dir)
-    entries = [p for p in sweep_dir.iterdir()] if sweep_dir.is_dir() else []
-    if entries and not (sweep_dir / MULTIRUN).is_file():
+    entries = contents(sweep_dir)
+    if any(p.is_file() or contents(p) for p in entries) and not (sweep_dir / MULTIRUN).is_file():
         raise ConfigError(
             f"hydra.sweep.dir={sweep_dir} is not empty and is not a sweep folder (no {MULTIRUN}): its jobs would "
             "overwrite its files. Choose an empty or new folder."
@@ -141,9 +141,14 @@ def check_sweep_folder(config: DictConfig, sweep_dir: Path, default_dir: bool) -
     check_writable(sweep_dir, "The sweep folder", "choose another hydra.sweep.dir", rewritten)
 
 
+def contents(folder: Path) -> list[Path]:
+    """A folder's entries but a run's lock (its own check says whether a run holds it)."""
+    return [p for p in folder.iterdir() if p.name != RUN_LOCK] if folder.is_dir() else []
+
+
 def check_owned(run_dir: Path, resuming: bool, option: str) -> None:
     """Refuse a folder that is not empty and not a run folder, or a trained run's unless `resuming` it."""
-    entries = [p for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
+    entries = contents(run_dir)
     if entries and not (run_dir / HYDRA_DIR).is_dir():
         raise ConfigError(
             f"{option}: {run_dir} is not empty and is not a run folder (no .hydra/): a run would overwrite "
