@@ -46,7 +46,8 @@ from dreambooth_pl.evaluation.record import eval_metadata, run_meta_from_config,
 from dreambooth_pl.evaluation.render import ImageJob, draw_images, generate_missing, plan_images, save_grids
 from dreambooth_pl.models.hub import require_reachable
 from dreambooth_pl.runs.export import read_run_info
-from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, PIPELINE, RUN_INFO, exports
+from dreambooth_pl.runs.files import check_writable
+from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, PIPELINE, REWRITTEN, RUN_INFO, WANDB_DIR, exports
 from dreambooth_pl.runs.loggers import close_loggers
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.util.config import ConfigError
@@ -288,6 +289,11 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     pipeline = Path(cfg.pipeline) if cfg.pipeline else find_export(cfg.run_dir)
     check_eval_config(cfg.eval)  # after the folder: a missing run is named before the options around it
     run_dir = Path(cfg.run_dir) if cfg.run_dir else pipeline.parent
+    check_writable(
+        cfg.output_dir or run_dir, "The evaluation's folder", "pass output_dir=<a writable folder>", REWRITTEN
+    )
+    if cfg.logger.wandb:  # the W&B run's files go to the run folder whatever output_dir says
+        check_writable(run_dir / WANDB_DIR, "The run's W&B folder", "pass logger.wandb=null")
     info = read_run_info(pipeline)
     saved = saved_run_config(run_dir)
     run_meta = run_meta_from_config(saved) if saved is not None else {}

@@ -88,6 +88,37 @@ def write_json_atomically(data: dict, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)  # a read-only folder, file or filesystem
+
+
+def check_writable(folder: str | os.PathLike, what: str, hint: str, rewritten: tuple[str, ...] = ()) -> None:
+    """Refuse `folder` (`what`, e.g. "The run folder") when it, a folder in it or a file of `rewritten` (written
+    in place, not by rename) cannot be written, before any work; `hint`: what to do instead.
+
+    A real probe (a file made and removed; an existing file opened to append, which changes nothing): root's
+    `os.access` calls a 0555 folder writable, and no permission bit tells of a read-only mount. A folder not
+    made yet is probed at its nearest existing parent, where it would be made."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    folders = [existing, *(Path(root) / d for root, dirs, _ in os.walk(folder) for d in dirs)]
+    files = [folder / name for name in rewritten if (folder / name).is_file()]
+    path = existing
+    try:
+        for path in folders:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        for path in files:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as err:
+        if err.errno not in NOT_WRITABLE:
+            raise
+        raise ConfigError(
+            f"{what} {folder} is read-only: {path} cannot be written ({os.strerror(err.errno)}). Nothing was "
+            f"changed. Make it writable, or {hint}."
+        ) from None
+
+
 def pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)

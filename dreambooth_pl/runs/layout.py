@@ -60,6 +60,14 @@ MULTIRUN = "multirun.yaml"  # in a sweep folder: Hydra's record of the sweep
 JOB_FAILED = "job_failed.json"  # in a sweep job's folder
 REPORT_DIR = "report"  # in a sweep folder (the default of `python -m dreambooth_pl.report <sweep>`)
 
+# the files written in place, not by atomic rename: a read-only one stops a run (or an evaluation) up front
+REWRITTEN = (
+    *(f"{HYDRA_DIR}/{name}" for name in RECORD_FILES),
+    RUN_LOCK,
+    TRAIN_LOG,
+    f"{EVAL_DIR}/{EVAL_IMAGES}/{EVAL_LOCK}",
+)
+
 
 def saved_config(run_dir: str | Path) -> Path:
     return Path(run_dir) / HYDRA_DIR / SAVED_CONFIG

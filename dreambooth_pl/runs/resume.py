@@ -39,8 +39,8 @@ from dreambooth_pl.runs.records import load_mapping, load_record, select
 from dreambooth_pl.runs.run_folders import (
     check_closed_world,
     check_env_reads,
-    check_location,
     check_run_folder,
+    check_sweep_folder,
     path_roots,
 )
 from dreambooth_pl.util.config import CONF_DIR, ConfigError, exit_on_config_error
@@ -145,12 +145,13 @@ class RunFolder(Callback):
         stop_on_error(lambda: self.prepare(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        """A sweep's folder: the same place rules as a run's, before Hydra writes `multirun.yaml`."""
+        """A sweep's folder and the job folders already in it: a run folder's rules, before Hydra writes
+        `multirun.yaml` and before any job trains."""
 
         def check() -> None:
             check_env_reads(config)
             given = hydra_override_given(config, "hydra.sweep.dir")
-            check_location(config, Path(config.hydra.sweep.dir).resolve(), "hydra.sweep.dir", default=not given)
+            check_sweep_folder(config, Path(config.hydra.sweep.dir).resolve(), default_dir=not given)
 
         stop_on_error(check)
 

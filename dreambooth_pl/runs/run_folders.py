@@ -1,9 +1,11 @@
 """What a run may be pointed at, checked before anything is written (resume.RunFolder calls these).
 
 - A run folder never lands in the project's source or shipped data, never holds them, and a default one
-  stays under `paths.log_dir` whatever `subject.name` or `sweep_name` says.
+  stays under `paths.log_dir` whatever `subject.name` or `sweep_name` says; `paths.log_dir` is never in or
+  around the project's own folders.
 - An existing folder is used only when it is empty or a run folder; a run folder that holds training results
-  only by the resume of that run.
+  only by the resume of that run. A sweep's folder likewise, and each job folder already in it.
+- Every folder a run writes can be written (a probe, `files.check_writable`): a read-only one is named.
 - A resume accepts from a saved `.hydra/overrides.yaml` only what the project's own configs could have
   produced (a closed world): `key=value` for keys the configs have, group choices that exist in `conf/`, plain
   values without `${...}` or instantiation keys, paths that stay in the run folder or the path roots.
@@ -21,13 +23,16 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dreambooth_pl.runs.layout import CHECKPOINTS, HYDRA_DIR, RUN_INFO, RUN_LOCK
+from dreambooth_pl.runs.files import check_writable
+from dreambooth_pl.runs.layout import CHECKPOINTS, HYDRA_DIR, MULTIRUN, REWRITTEN, RUN_INFO, RUN_LOCK
 from dreambooth_pl.runs.records import select
 from dreambooth_pl.util.config import CONF_DIR, PROJECT_ROOT, ConfigError, EnvironmentRead
 
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 PLAIN_KEY = re.compile(r"[A-Za-z_][\w]*(\.[\w]+)*")
 RUN_FOLDER_VALUES = ("${paths.output_dir}", "${hydra:runtime.output_dir}")  # a project value under the run folder
+# the project's own folders: no run, sweep or paths.log_dir in or around them
+SHIPPED = ("conf", "dreambooth_pl", "toyworld", "tests", "docs", "notebooks", ".git")
 TRAINED = (f"{CHECKPOINTS}/*.ckpt", f"*/{RUN_INFO}")  # what a second run in the folder would overwrite
 
 
@@ -77,6 +82,14 @@ def check_location(config: DictConfig, folder: Path, option: str, default: bool)
     """Refuse a run (or sweep) folder `option` in the project's source or data, or a default one that a
     name (`subject.name`, `sweep_name`) moved out of `paths.log_dir`."""
     log_dir = Path(config.paths.log_dir).resolve()
+    for name in SHIPPED:
+        shipped = PROJECT_ROOT / name
+        if inside(log_dir, shipped) or inside(shipped, log_dir):
+            raise ConfigError(
+                f"paths.log_dir={log_dir} {'is in' if inside(log_dir, shipped) else 'holds'} the project's "
+                f"{name}/: runs would write among its files. Leave out paths.log_dir (the project's logs/) or "
+                "choose a folder outside the project's source and data."
+            )
     in_logs = folder != log_dir and folder.is_relative_to(log_dir)
     if default and not in_logs:
         named = "sweep_name" if option == "hydra.sweep.dir" else "subject.name"
@@ -103,12 +116,42 @@ def check_location(config: DictConfig, folder: Path, option: str, default: bool)
 
 
 def check_run_folder(config: DictConfig, run_dir: Path, resuming: bool, default_dir: bool) -> None:
-    """Refuse a run folder where a run would overwrite something it does not own."""
+    """Refuse a run folder where a run would overwrite something it does not own, or cannot write."""
     check_location(config, run_dir, "hydra.run.dir", default_dir)
-    entries = [p for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
+    check_owned(run_dir, resuming, "hydra.run.dir")
+    check_writable(run_dir, "The run folder", "choose another hydra.run.dir", REWRITTEN)
+
+
+def check_sweep_folder(config: DictConfig, sweep_dir: Path, default_dir: bool) -> None:
+    """A sweep's folder obeys a run folder's rules, and so does each job folder already in it, before any job
+    trains: an existing sweep folder is reused (a failed job run again) but never one of its trained jobs
+    overwritten, unless `ckpt_path=last` resumes them."""
+    check_location(config, sweep_dir, "hydra.sweep.dir", default_dir)
+    entries = contents(sweep_dir)
+    if any(p.is_file() or contents(p) for p in entries) and not (sweep_dir / MULTIRUN).is_file():
+        raise ConfigError(
+            f"hydra.sweep.dir={sweep_dir} is not empty and is not a sweep folder (no {MULTIRUN}): its jobs would "
+            "overwrite its files. Choose an empty or new folder."
+        )
+    # a job's folder (`hydra.sweep.subdir`: its number) or a run folder; not report/ or the control rows
+    jobs = [p.name for p in entries if p.is_dir() and (p.name.isdigit() or (p / HYDRA_DIR).is_dir())]
+    for job in jobs:
+        check_owned(sweep_dir / job, config.get("ckpt_path") == "last", "hydra.sweep.dir")
+    rewritten = (MULTIRUN, *(f"{job}/{name}" for job in jobs for name in REWRITTEN))
+    check_writable(sweep_dir, "The sweep folder", "choose another hydra.sweep.dir", rewritten)
+
+
+def contents(folder: Path) -> list[Path]:
+    """A folder's entries but a run's lock (its own check says whether a run holds it)."""
+    return [p for p in folder.iterdir() if p.name != RUN_LOCK] if folder.is_dir() else []
+
+
+def check_owned(run_dir: Path, resuming: bool, option: str) -> None:
+    """Refuse a folder that is not empty and not a run folder, or a trained run's unless `resuming` it."""
+    entries = contents(run_dir)
     if entries and not (run_dir / HYDRA_DIR).is_dir():
         raise ConfigError(
-            f"hydra.run.dir={run_dir} is not empty and is not a run folder (no .hydra/): a run would overwrite "
+            f"{option}: {run_dir} is not empty and is not a run folder (no .hydra/): a run would overwrite "
             "its files. Choose an empty or new folder."
         )
     trained = [str(p.relative_to(run_dir)) for pattern in TRAINED for p in sorted(run_dir.glob(pattern))]
@@ -116,7 +159,7 @@ def check_run_folder(config: DictConfig, run_dir: Path, resuming: bool, default_
         raise ConfigError(
             f"{run_dir} holds a trained run ({', '.join(trained[:3])}); a new run there would overwrite it. To "
             f"train it further: python train.py hydra.run.dir={run_dir} ckpt_path=last [trainer.max_steps=N]. "
-            "To start a new run: leave out hydra.run.dir, or give a new folder."
+            f"To start a new run: leave out {option}, or give a new folder."
         )
 
 
