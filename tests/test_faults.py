@@ -31,7 +31,8 @@ from dreambooth_pl.runs.loggers import read_wandb_run
 from dreambooth_pl.toyworld.pretrain import build
 from dreambooth_pl.toyworld.subjects import SUBJECTS_FILE, subject_views
 from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
-from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.checks import check_config
+from dreambooth_pl.training.job import train
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.util.config import ConfigError
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset

@@ -32,7 +32,8 @@ from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.training.class_images import ClassImageCache
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.checks import check_config
+from dreambooth_pl.training.job import train
 from dreambooth_pl.training.module import DreamBoothModule, TrainingDiverged
 from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically

@@ -11,30 +11,29 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.runs.checkpoints import check_checkpoint_fits, resolve_ckpt_path
-from dreambooth_pl.util.config import ConfigError, log_paths, non_finite, resolve_path
+from dreambooth_pl.util.config import ConfigError, log_paths, resolve_path
 from dreambooth_pl.util.console import one_console_handler
 from dreambooth_pl.util.images import list_images
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.checks import check_eval_config, quantize_problems, seed_problems
+from dreambooth_pl.checks import check_config, instance_templates, prior_active
 from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.evaluation.record import retire_eval, run_meta_from_config
 from dreambooth_pl.runs import layout
 from dreambooth_pl.runs.export import recover_exports
-from dreambooth_pl.models.families import get_family
 from dreambooth_pl.generate import generate
 from dreambooth_pl.text.identifier import resolve_identifier
 from dreambooth_pl.runs.loggers import close_loggers, wandb_location
-from dreambooth_pl.training.methods import FineTuneMethod, TextualInversion
+from dreambooth_pl.training.methods import FineTuneMethod
 from dreambooth_pl.models.hub import require_reachable
 from dreambooth_pl.models.pipelines import load_tokenizer, loaded_pipeline
 from dreambooth_pl.training.module import DreamBoothModule
-from dreambooth_pl.training.validation import Validation, validation_problems, validation_prompts
-from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
+from dreambooth_pl.training.validation import Validation, validation_prompts
+from dreambooth_pl.text.prompts import fill_prompt
 
 log = logging.getLogger(__name__)
 # The frozen VAE (and text encoder) are in eval mode on purpose, and the datamodule's checkpointed state
@@ -43,113 +42,6 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 # A run folder is resumed in place by design (resume.py; one run at a time, under its lock).
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def prior_active(prior: DictConfig) -> bool:
-    """lambda = 0 is prior preservation off: no class images are generated for it."""
-    return bool(prior.enabled) and prior.weight > 0
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Reject values that would only fail after minutes of work."""
-    problems = non_finite(cfg)
-    problems += seed_problems(cfg.seed, "seed")
-    token, nouns = cfg.identifier.token, {cfg.subject.class_noun, cfg.prompts.instance_class_noun}
-    if token is not None and str(token).strip().lower() in {str(n).strip().lower() for n in nouns if n}:
-        problems.append(
-            f"identifier.token={token!r} is the class noun: the identifier must be a rare word the model does "
-            "not know, or the subject overwrites the class (identifier=auto finds one)"
-        )
-    lr = OmegaConf.select(cfg, "module.optimizer.lr")
-    if lr is not None and not lr > 0:
-        problems.append(f"module.optimizer.lr={lr} must be > 0")
-    for option in ("sampler.num_inference_steps", "sampler.batch_size"):
-        if OmegaConf.select(cfg, option) < 1:
-            problems.append(f"{option}={OmegaConf.select(cfg, option)} must be >= 1")
-    if cfg.model.resolution <= 0:
-        problems.append(f"model.resolution={cfg.model.resolution} must be > 0")
-    elif cfg.model.resolution % 8:
-        problems.append(f"model.resolution={cfg.model.resolution} must be a multiple of 8")
-    if cfg.data.batch_size < 1:
-        problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
-    if cfg.sampler.resolution != cfg.model.resolution and (cfg.sampler.resolution % 8 or cfg.sampler.resolution < 8):
-        problems.append(f"sampler.resolution={cfg.sampler.resolution} must be a positive multiple of 8")
-    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
-        problems.append(f"cpu_threads={cfg.cpu_threads} must be >= 1 (or null for torch's default)")
-    if cfg.trainer.max_steps < 1:
-        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
-    if cfg.prior.weight < 0:
-        problems.append(f"prior.weight={cfg.prior.weight} must be >= 0")
-    if prior_active(cfg.prior) and cfg.prior.num_images < 1:
-        problems.append(f"prior.num_images={cfg.prior.num_images} must be >= 1 while prior preservation is on")
-    if prior_active(cfg.prior) and not str(cfg.subject.class_noun or "").strip():
-        problems.append("subject.class_noun is empty but prior preservation needs it (or set prior.enabled=false)")
-    if cfg.export.get("dtype") not in (None, *EXPORT_DTYPES):
-        problems.append(f"export.dtype={cfg.export.dtype!r}: use null (the base model's) or {', '.join(EXPORT_DTYPES)}")
-    if cfg.eval.enabled and not cfg.export.enabled:
-        problems.append("eval.enabled=true evaluates the exported model: it needs export.enabled=true")
-    problems += family_problems(cfg)
-    problems += validation_problems(cfg) if cfg.validation.enabled else []
-    if problems:
-        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
-    if cfg.eval.enabled:
-        check_eval_config(cfg.eval)
-    instance = instance_templates(cfg)
-    instance_options = (
-        ["prompts.instance"] if len(instance) == 1 else [f"prompts.instance[{i}]" for i in range(len(instance))]
-    )
-    templates = dict(zip(instance_options, instance))
-    templates["prompts.prior"] = cfg.prompts.prior
-    templates.update({f"prompts.validation[{i}]": t for i, t in enumerate(cfg.prompts.validation)})
-    templates.update({f"export.samples.prompts[{i}]": t for i, t in enumerate(cfg.export.samples.prompts or [])})
-    for option, template in templates.items():
-        check_template(template, option)
-    for option, template in zip(instance_options, instance):
-        require_identifier(template, option)
-    warn_unseen_class_images(cfg)
-
-
-def family_problems(cfg: DictConfig) -> list[str]:
-    """Methods and memory options the model family or this machine cannot run, named before any work."""
-    problems = []
-    family = get_family(cfg.model.family, **cfg.module.get("family_options", {}))
-    if family.textual_inversion_refusal and issubclass(get_class(cfg.method._target_), TextualInversion):
-        problems.append(family.textual_inversion_refusal)
-    if family.kohya_refusal and cfg.method.get("export_kohya"):
-        problems.append(family.kohya_refusal)
-    strategy = OmegaConf.select(cfg, "trainer.strategy._target_") or ""
-    if family.fsdp_refusal and strategy.endswith("FSDPStrategy"):
-        problems.append(family.fsdp_refusal)
-    if not torch.cuda.is_available():
-        if str(cfg.module.optimizer._target_).startswith("bitsandbytes."):
-            problems.append(
-                f"module.optimizer._target_={cfg.module.optimizer._target_}: 8-bit optimizers (bitsandbytes) need a "
-                "CUDA GPU; on a CPU use torch.optim.AdamW"
-            )
-    return problems + quantize_problems(cfg.module.get("quantize_base"), get_class(cfg.method._target_).trains_adapters)
-
-
-def instance_templates(cfg: DictConfig) -> list[str]:
-    """`prompts.instance` is one template, or a list of which each training sample draws one."""
-    instance = cfg.prompts.instance
-    return [instance] if isinstance(instance, str) else list(instance)
-
-
-def warn_unseen_class_images(cfg: DictConfig) -> None:
-    """Each step draws data.batch_size class images: more than steps x batch are generated for nothing."""
-    seen = cfg.trainer.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) * cfg.data.batch_size
-    if prior_active(cfg.prior) and not cfg.prior.class_dir and cfg.prior.num_images > seen:
-        log.warning(
-            "prior.num_images=%d but %d steps draw at most %d class images (trainer.max_steps x data.batch_size): "
-            "%d will be generated and never seen. Lower prior.num_images or raise trainer.max_steps.",
-            cfg.prior.num_images,
-            cfg.trainer.max_steps,
-            seen,
-            cfg.prior.num_images - seen,
-        )
 
 
 def require_models(cfg: DictConfig, pretrained: str) -> None:

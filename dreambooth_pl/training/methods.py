@@ -31,6 +31,7 @@ class FineTuneMethod:
 
     export_dirname = PIPELINE
     trains_adapters = False  # whether the base weights stay frozen (a 4-bit base needs that)
+    learns_token_only = False  # whether only a new token's embedding learns (a family may refuse that)
 
     def __init__(self, name: str = "dreambooth", train_text_encoder: bool = False):
         self.name = name
@@ -189,6 +190,7 @@ class TextualInversion(FineTuneMethod):
     encoder where the model has several: SDXL)."""
 
     export_dirname = TEXTUAL_INVERSION_DIR
+    learns_token_only = True
 
     def __init__(self, name: str = "textual_inversion", placeholder: str = "<{identifier}>", initializer: str = ""):
         super().__init__(name, train_text_encoder=False)
