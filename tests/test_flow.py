@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from dreambooth_pl.util.config import ConfigError, resolve_path
-from dreambooth_pl.training.losses import FlowMatching
+from dreambooth_pl.models.objectives import FlowMatching
 from dreambooth_pl.models.pipelines import load_components
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.training.job import build_run, train

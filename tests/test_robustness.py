@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dreambooth_pl.evaluation.record import run_meta_from_config
-from dreambooth_pl.generate import generate
+from dreambooth_pl.models.samples import generate
 from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
 from dreambooth_pl.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
 from dreambooth_pl.runs.export import recover_exports, write_dir_atomically

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from dreambooth_pl.evaluation.protocol import EvalPrompt
 from dreambooth_pl.evaluation.render import ImageJob
 from dreambooth_pl.runs.export import read_run_info
-from dreambooth_pl.runs.files import write_json_atomically
+from dreambooth_pl.util.files import write_json_atomically
 from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_HISTORY, EVAL_IMAGES, METRICS_FILE
 
 log = logging.getLogger(__name__)

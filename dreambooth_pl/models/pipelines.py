@@ -28,7 +28,7 @@ from dreambooth_pl.runs.export import (
     read_run_info,
     save_pipeline_atomically,
 )
-from dreambooth_pl.runs.files import ProcessLock
+from dreambooth_pl.util.files import ProcessLock
 from dreambooth_pl.text.vocab import build_clip_tokenizer, build_t5_tokenizer, clip_vocab_from_bpe, word_vocab
 from dreambooth_pl.util.console import quiet_loading_bars
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.runs.files import DiskFull, disk_use, umask_mode
+from dreambooth_pl.util.files import DiskFull, disk_use, umask_mode
 from dreambooth_pl.runs.layout import RUN_INFO
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

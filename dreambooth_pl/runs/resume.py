@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from dreambooth_pl.runs.files import ProcessLock
+from dreambooth_pl.util.files import ProcessLock
 from dreambooth_pl.runs.layout import (
     HYDRA_DIR,
     HYDRA_HISTORY,

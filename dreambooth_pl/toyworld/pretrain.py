@@ -37,7 +37,8 @@ from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.runs.export import save_pipeline_atomically, write_dir_atomically
 from dreambooth_pl.models.families import Components, get_family
 from dreambooth_pl.util.images import image_grid, save_atomically
-from dreambooth_pl.training.losses import dreambooth_loss, snr_weights
+from dreambooth_pl.models.objectives import snr_weights
+from dreambooth_pl.training.losses import dreambooth_loss
 from dreambooth_pl.models.pipelines import load_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes

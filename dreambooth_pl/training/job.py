@@ -25,7 +25,7 @@ from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.evaluation.record import retire_eval, run_meta_from_config
 from dreambooth_pl.runs import layout
 from dreambooth_pl.runs.export import recover_exports
-from dreambooth_pl.generate import generate
+from dreambooth_pl.models.samples import generate
 from dreambooth_pl.text.identifier import resolve_identifier
 from dreambooth_pl.runs.loggers import close_loggers, wandb_location
 from dreambooth_pl.training.methods import FineTuneMethod

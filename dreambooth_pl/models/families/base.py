@@ -12,7 +12,7 @@ from transformers import CLIPTokenizer
 
 from dreambooth_pl.models.hub import check_pretrained, from_pretrained_or_explain
 from dreambooth_pl.runs.export import TEXTUAL_INVERSION_WEIGHTS
-from dreambooth_pl.training.losses import NoisePrediction
+from dreambooth_pl.models.objectives import NoisePrediction
 
 
 @dataclass
