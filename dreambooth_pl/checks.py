@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dreambooth_pl.evaluation.protocol import SEED_STRIDE, read_prompt_lists
@@ -171,6 +171,13 @@ def family_problems(cfg: DictConfig) -> list[str]:
                 "CUDA GPU; on a CPU use torch.optim.AdamW"
             )
     return problems + quantize_problems(cfg.module.get("quantize_base"), get_class(cfg.method._target_).trains_adapters)
+
+
+def model_checks(cfg: DictConfig, pretrained: str, instance_dir: str) -> None:
+    """The checks a model's config registers (`model.checks`: `_target_`s called with the resolved model and
+    photos folders, that warn or raise ConfigError), e.g. the toy world's (conf/model/toy.yaml)."""
+    for check in instantiate(cfg.model.get("checks") or []):
+        check(pretrained, instance_dir)
 
 
 def instance_templates(cfg: DictConfig) -> list[str]:

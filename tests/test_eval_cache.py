@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl import generate as generate_module
+from dreambooth_pl.models import samples as samples_module
 from dreambooth_pl.evaluation import render as render_module
 from dreambooth_pl.evaluation.cache import evaluate_cached
 from dreambooth_pl.evaluation.evaluate import evaluate_run
@@ -41,7 +41,7 @@ def counted(monkeypatch) -> dict:
 
     monkeypatch.setattr(render_module, "render", counting_render)
     monkeypatch.setattr(models_module, "load_pipeline", counting_load)
-    monkeypatch.setattr(generate_module, "load_pipeline", counting_load)
+    monkeypatch.setattr(samples_module, "load_pipeline", counting_load)
     return counts
 
 
@@ -81,9 +81,9 @@ def test_a_drawn_control_is_keyed_by_its_drawing(tmp_path, counted):
     truth = GroundTruth.of(TEAPOT, "sks")
     meta = {"method": "renderer", "steps": 0, "control": True}
 
-    def drawn(folder: str, draw) -> dict:
+    def drawn(folder: str, producer) -> dict:
         return evaluate_cached(cache, None, str(tmp_path / folder), toy_eval(), str(TEAPOT), "toy_teapot",
-                               "teapot", "sks", run_meta=meta, draw=draw)  # fmt: skip
+                               "teapot", "sks", run_meta=meta, producer=producer)  # fmt: skip
 
     assert drawn("a", truth)["generated"] == 4
     assert drawn("b", truth)["generated"] == 0

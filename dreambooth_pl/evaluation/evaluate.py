@@ -43,7 +43,14 @@ from dreambooth_pl.evaluation.metrics import (
 )
 from dreambooth_pl.evaluation.protocol import EvalPrompt, read_class_table, subject_prompts
 from dreambooth_pl.evaluation.record import eval_metadata, run_meta_from_config, write_record
-from dreambooth_pl.evaluation.render import ImageJob, draw_images, generate_missing, plan_images, save_grids
+from dreambooth_pl.evaluation.render import (
+    ImageJob,
+    ImageProducer,
+    generate_missing,
+    plan_images,
+    produce_images,
+    save_grids,
+)
 from dreambooth_pl.models.hub import require_reachable
 from dreambooth_pl.runs.export import read_run_info
 from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, PIPELINE, RUN_INFO, exports
@@ -66,7 +73,7 @@ def evaluate_run(
     instance_class_noun: str | None = None,
     run_meta: dict | None = None,
     loggers: list[Logger] | None = None,
-    draw: Callable[[str, int], Image.Image] | None = None,
+    producer: ImageProducer | None = None,
     pipe: DiffusionPipeline | None = None,
 ) -> dict:
     """Generate (or reuse) the evaluation images, score them, write `<output_dir>/eval/metrics.json`.
@@ -75,8 +82,8 @@ def evaluate_run(
     `instance_class_noun` is the noun the instance prompt used, which fills the prompts (default: the same).
     `run_meta` says how the model was trained (see `run_meta_from_config`); it is stored for the report.
     Summary metrics go to each logger; a W&B logger also gets a table of every image with its scores.
-    `draw(prompt, seed)`, when given, makes the images instead of a model (`pipeline_dir` None): the toy
-    renderer's ground truth, a control row. `pipe`: `pipeline_dir` already loaded (see `generate_missing`).
+    `producer`, when given, makes the images instead of a model (`pipeline_dir` None): a world's control row
+    (render.ImageProducer). `pipe`: `pipeline_dir` already loaded (see `generate_missing`).
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
@@ -92,11 +99,11 @@ def evaluate_run(
     real = [load_rgb(p) for p in list_images(real_images_dir, option="eval.real_images_dir")]
     scorers = load_scorers(cfg)
 
-    if draw is None:
+    if producer is None:
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
         generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype, pipe)
     else:
-        generated = draw_images(draw, jobs + pres_jobs, images_dir)
+        generated = produce_images(producer, jobs + pres_jobs, images_dir)
     images = [load_rgb(images_dir / j.file) for j in jobs]
     pres_images = [load_rgb(images_dir / j.file) for j in pres_jobs]
 

@@ -20,7 +20,7 @@ from dreambooth_pl.util.config import ConfigError, log_paths, resolve_path
 from dreambooth_pl.util.console import one_console_handler
 from dreambooth_pl.util.images import list_images
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.checks import check_config, instance_templates, prior_active
+from dreambooth_pl.checks import check_config, instance_templates, model_checks, prior_active
 from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.evaluation.record import retire_eval, run_meta_from_config
 from dreambooth_pl.runs import layout
@@ -69,21 +69,6 @@ def require_photos(cfg: DictConfig, instance_dir: str) -> None:
     list_images(instance_dir)
 
 
-def warn_toy_model_on_photos(cfg: DictConfig, pretrained: str, instance_dir: str) -> None:
-    """The toy model knows only the toy world's cartoons: fine-tuned on photos from elsewhere it draws blobs,
-    which reads as "DreamBooth does not work". Said before any work, with the command for a real model."""
-    toyworld, cache = Path(cfg.paths.toyworld_dir).resolve(), Path(cfg.paths.cache_dir).resolve()
-    photos = Path(instance_dir).resolve()
-    if not Path(pretrained).resolve().is_relative_to(toyworld) or any(map(photos.is_relative_to, (toyworld, cache))):
-        return
-    log.warning(
-        "model=toy knows only the toy world's cartoons (docs/toy_world.md), but the photos in %s are not from the "
-        "toy world: expect blobs, not your subject. For real photos use a real model on a GPU: "
-        "add `model=sd15 trainer=gpu` to this command (or model.pretrained=<a local diffusers folder>).",
-        photos,
-    )
-
-
 def use_cpu_threads(cfg: DictConfig) -> None:
     """torch's intra-op threads for a run on the CPU. The inter-op pool is left alone: it serves only
     torch.jit.fork, which nothing here calls."""
@@ -111,7 +96,7 @@ def build_run(cfg: DictConfig) -> Run:
     instance_dir = resolve_path(cfg.subject.instance_dir)
     require_photos(cfg, instance_dir)
     pretrained = resolve_path(cfg.model.pretrained)
-    warn_toy_model_on_photos(cfg, pretrained, instance_dir)
+    model_checks(cfg, pretrained, instance_dir)
     require_models(cfg, pretrained)
     tokenizer = load_tokenizer(pretrained, cfg.model.revision)
     method = instantiate(cfg.method)
