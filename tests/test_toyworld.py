@@ -26,7 +26,8 @@ from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess
 from dreambooth_pl.models.pipelines import load_components, loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
-from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
+from dreambooth_pl.toyworld.pretrain import build
+from dreambooth_pl.toyworld.world import render_world, world_words
 from dreambooth_pl.toyworld.prior import colour_entropy
 from dreambooth_pl.toyworld.readers import validate_readers
 from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance, subject_views, write_closeups

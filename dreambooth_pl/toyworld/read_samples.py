@@ -26,7 +26,7 @@ from PIL import Image
 from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess, SubjectFidelity
 from dreambooth_pl.runs.export import RUN_INFO, read_run_info
 from dreambooth_pl.toyworld import scenes
-from dreambooth_pl.toyworld.pretrain import CaptionReader
+from dreambooth_pl.toyworld.probe import CaptionReader
 from dreambooth_pl.util.images import list_images, load_rgb
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
