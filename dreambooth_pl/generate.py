@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dreambooth_pl.models.samples import generate
-from dreambooth_pl.runs.layout import RUN_INFO
+from dreambooth_pl.runs.layout import EXPORT_INFO
 from dreambooth_pl.util.config import ConfigError, exit_on_config_error
 
 
@@ -16,9 +16,9 @@ from dreambooth_pl.util.config import ConfigError, exit_on_config_error
 def main(cfg: DictConfig) -> None:
     def job() -> Path:
         folder = Path(cfg.generate.pipeline)  # Hydra has made the output folder beside it: it may exist, empty
-        if not any((folder / name).is_file() for name in (RUN_INFO, "model_index.json")):
+        if not any((folder / name).is_file() for name in (EXPORT_INFO, "model_index.json")):
             raise ConfigError(
-                f"generate.pipeline={cfg.generate.pipeline!r}: no exported model there (no {RUN_INFO} or "
+                f"generate.pipeline={cfg.generate.pipeline!r}: no exported model there (no {EXPORT_INFO} or "
                 "model_index.json): pass a run's pipeline/, lora/ or textual_inversion/ folder."
             )
         return generate(**hydra.utils.instantiate(cfg.generate, _convert_="all"))

@@ -53,10 +53,10 @@ def test_a_cached_control_evaluation_is_copied_bit_for_bit_and_a_changed_key_ren
     cache = str(tmp_path / "cache")
     args = (str(TEAPOT), "toy_teapot", "teapot", "sks")
     meta = {"method": "base", "steps": 0, "control": True}
-    first = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "a"), toy_eval(), *args, run_meta=meta)
+    first = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "a"), toy_eval(), *args, provenance=meta)
     assert first["generated"] == 4 and counted["images"] == 4
 
-    again = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "b"), toy_eval(), *args, run_meta=meta)
+    again = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "b"), toy_eval(), *args, provenance=meta)
     assert again["generated"] == 0 and counted["images"] == 4 and len(counted["loads"]) == 1  # nothing loaded
     metrics = [(tmp_path / run / "eval" / "metrics.json").read_bytes() for run in ("a", "b")]
     assert metrics[0] == metrics[1]
@@ -65,11 +65,11 @@ def test_a_cached_control_evaluation_is_copied_bit_for_bit_and_a_changed_key_ren
     assert images == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "eval").rglob("*.png"))
 
     reseeded = evaluate_cached(
-        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "c"), toy_eval("eval.seed=7"), *args, run_meta=meta
+        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "c"), toy_eval("eval.seed=7"), *args, provenance=meta
     )
     assert reseeded["generated"] == 4 and counted["images"] == 8
     other_words = evaluate_cached(
-        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "d"), toy_eval(), *args[:3], "blue", run_meta=meta
+        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "d"), toy_eval(), *args[:3], "blue", provenance=meta
     )
     assert other_words["generated"] == 4 and counted["images"] == 12
     fresh = json.loads((tmp_path / "c" / "eval" / "metrics.json").read_text())
@@ -83,7 +83,7 @@ def test_a_drawn_control_is_keyed_by_its_drawing(tmp_path, counted):
 
     def drawn(folder: str, producer) -> dict:
         return evaluate_cached(cache, None, str(tmp_path / folder), toy_eval(), str(TEAPOT), "toy_teapot",
-                               "teapot", "sks", run_meta=meta, producer=producer)  # fmt: skip
+                               "teapot", "sks", provenance=meta, producer=producer)  # fmt: skip
 
     assert drawn("a", truth)["generated"] == 4
     assert drawn("b", truth)["generated"] == 0

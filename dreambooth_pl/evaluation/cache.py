@@ -50,7 +50,7 @@ def evaluation_key(
     subject: str,
     class_noun: str,
     identifier: str,
-    run_meta: dict | None,
+    provenance: dict | None,
     producer: ImageProducer | None,
 ) -> dict:
     """Everything that decides an `evaluate_run`'s files (its arguments, read as contents where they are files)."""
@@ -65,7 +65,7 @@ def evaluation_key(
         "subject": subject,
         "class_noun": class_noun,
         "identifier": identifier,
-        "run_meta": run_meta,
+        "run_meta": provenance,  # key.json's key since its first version (cached entries keep hitting)
     }
 
 
@@ -87,18 +87,18 @@ def evaluate_cached(
     subject: str,
     class_noun: str,
     identifier: str,
-    run_meta: dict | None = None,
+    provenance: dict | None = None,
     producer: ImageProducer | None = None,
 ) -> dict:
     """`evaluate_run` of an untrained model or a world's image producer, from `cache_dir` when it holds the same key
     (`cache_dir` None: always evaluated). Returns what `evaluate_run` does; `generated` is 0 on a hit."""
     args = (real_images_dir, subject, class_noun, identifier)
     if cache_dir is None:
-        return evaluate_run(pipeline_dir, output_dir, eval_cfg, *args, run_meta=run_meta, producer=producer)
+        return evaluate_run(pipeline_dir, output_dir, eval_cfg, *args, provenance=provenance, producer=producer)
     settings = eval_cfg if isinstance(eval_cfg, dict) else OmegaConf.to_container(eval_cfg, resolve=True)
-    key = evaluation_key(pipeline_dir, settings, *args, run_meta, producer)
+    key = evaluation_key(pipeline_dir, settings, *args, provenance, producer)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = f"{subject}-{(run_meta or {}).get('method', 'base')}"
+    name = f"{subject}-{(provenance or {}).get('method', 'base')}"
     entry = Path(cache_dir) / f"{''.join(c if c.isalnum() or c in '_-' else '_' for c in name)[:60]}-{digest}"
     eval_dir = Path(output_dir) / EVAL_DIR
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def evaluate_cached(
                 "generated": 0,
                 **metrics,
             }
-        result = evaluate_run(pipeline_dir, output_dir, settings, *args, run_meta=run_meta, producer=producer)
+        result = evaluate_run(pipeline_dir, output_dir, settings, *args, provenance=provenance, producer=producer)
         with atomic_file(eval_dir / KEY_FILE, "w") as handle:
             json.dump(key, handle, indent=2, sort_keys=True)
         _copy(eval_dir, entry)

@@ -19,7 +19,7 @@ from dreambooth_pl.evaluation.protocol import SEED_STRIDE, EvalPrompt
 from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.models.pipelines import loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
-from dreambooth_pl.runs.export import read_run_info
+from dreambooth_pl.runs.export import read_export_info
 from dreambooth_pl.util.files import ProcessLock, write_json_atomically
 from dreambooth_pl.runs.layout import EVAL_LOCK
 from dreambooth_pl.text.prompts import fill_prompt
@@ -71,7 +71,7 @@ def generate_missing(
     model = {
         "pipeline": str(Path(pipeline_dir).resolve()),
         "fingerprint": model_fingerprint(pipeline_dir),
-        "run_info": read_run_info(pipeline_dir),
+        "run_info": read_export_info(pipeline_dir),  # the manifest's key since its first version
     }
     images_dir.mkdir(parents=True, exist_ok=True)
     # One process renders into a folder at a time; another evaluation of the same run waits, then reuses.

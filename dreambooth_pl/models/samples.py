@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from dreambooth_pl.models.pipelines import load_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
-from dreambooth_pl.runs.export import read_run_info, write_dir_atomically
+from dreambooth_pl.runs.export import read_export_info, write_dir_atomically
 from dreambooth_pl.text.prompts import fill_prompt
 from dreambooth_pl.util.images import image_grid
 
@@ -34,7 +34,7 @@ def generate(
     The folder is replaced as a whole, so it holds exactly the images its prompts.txt lists. `pipe`: the
     `pipeline` folder already loaded (on `device`, in `dtype`), by a caller that renders more with it.
     """
-    info = read_run_info(pipeline)
+    info = read_export_info(pipeline)
     filled = [fill_prompt(t, info.get("identifier", ""), info.get("class_noun", "")) for t in prompts]
     settings = sampler if isinstance(sampler, SamplerSettings) else SamplerSettings(**sampler)
     rows = [p for p in filled for _ in range(images_per_prompt)]

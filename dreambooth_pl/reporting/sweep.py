@@ -64,6 +64,6 @@ class SweepReport(Callback):
                     subject,
                     run["class_noun"],
                     job.identifier,
-                    run_meta={"method": job.method, "model": model, "steps": 0, "control": True},
+                    provenance={"method": job.method, "model": model, "steps": 0, "control": True},
                     producer=job.producer,
                 )

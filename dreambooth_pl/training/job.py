@@ -22,7 +22,7 @@ from dreambooth_pl.util.images import list_images
 from dreambooth_pl.training.data import DreamBoothDataModule
 from dreambooth_pl.checks import check_config, instance_templates, model_checks, prior_active
 from dreambooth_pl.evaluation.evaluate import evaluate_run
-from dreambooth_pl.evaluation.record import retire_eval, run_meta_from_config
+from dreambooth_pl.evaluation.record import retire_eval, provenance_from_config
 from dreambooth_pl.runs import layout
 from dreambooth_pl.runs.export import recover_exports
 from dreambooth_pl.models.samples import generate
@@ -78,7 +78,7 @@ def use_cpu_threads(cfg: DictConfig) -> None:
 
 
 @dataclass
-class Run:
+class TrainingParts:
     """What a training job is built from; `bench` builds the same pieces."""
 
     pretrained: str
@@ -89,7 +89,7 @@ class Run:
     module: DreamBoothModule
 
 
-def build_run(cfg: DictConfig) -> Run:
+def build_parts(cfg: DictConfig) -> TrainingParts:
     """Checks, prompts, data and model, in the order that reports bad input before loading weights."""
     check_config(cfg)
     use_cpu_threads(cfg)
@@ -126,7 +126,7 @@ def build_run(cfg: DictConfig) -> Run:
         validation_prompts=prompts["validation"],
     )
     module = instantiate(cfg.module, pretrained=pretrained, method=method)
-    return Run(pretrained, instance_dir, method, prompts, datamodule, module)
+    return TrainingParts(pretrained, instance_dir, method, prompts, datamodule, module)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -138,11 +138,11 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, output_dir)
     if rank_zero_only.rank == 0:
         recover_exports(output_dir)
-    run = build_run(cfg)
+    parts = build_parts(cfg)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     succeeded = False
     try:
-        result = fit_and_export(cfg, run, loggers, ckpt_path)
+        result = fit_and_export(cfg, parts, loggers, ckpt_path)
         succeeded = True
     finally:
         close_loggers(loggers, succeeded)  # every job of a sweep ends its own W&B run, also on failure
@@ -163,26 +163,26 @@ def run_outputs(result: dict) -> dict:
     return {name: value for name, value in named.items() if value}
 
 
-def build_validation(cfg: DictConfig, run: Run) -> Validation | None:
+def build_validation(cfg: DictConfig, parts: TrainingParts) -> Validation | None:
     """The validation callback (validation.enabled), with the run's prompts and the photos evaluation reads."""
     if not cfg.validation.enabled:
         return None
-    real_images_dir = cfg.validation.real_images_dir or run.instance_dir
-    prompts = validation_prompts(cfg, run.prompts["identifier"], run.prompts["class_noun"])
+    real_images_dir = cfg.validation.real_images_dir or parts.instance_dir
+    prompts = validation_prompts(cfg, parts.prompts["identifier"], parts.prompts["class_noun"])
     return Validation(cfg.validation, prompts, cfg.subject.class_noun, real_images_dir, cfg.paths.output_dir)
 
 
-def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | None = None) -> dict:
+def fit_and_export(cfg: DictConfig, parts: TrainingParts, loggers: list, ckpt_path: str | None = None) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     pretrained, method, prompts, datamodule, module = (
-        run.pretrained,
-        run.method,
-        run.prompts,
-        run.datamodule,
-        run.module,
+        parts.pretrained,
+        parts.method,
+        parts.prompts,
+        parts.datamodule,
+        parts.module,
     )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    validation = build_validation(cfg, run)
+    validation = build_validation(cfg, parts)
     callbacks += [validation] if validation else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -202,26 +202,26 @@ def fit_and_export(cfg: DictConfig, run: Run, loggers: list, ckpt_path: str | No
     }
     if trainer.is_global_zero and cfg.export.enabled:
         base_model = os.path.abspath(pretrained) if os.path.exists(pretrained) else pretrained
-        run_info = {
+        export_info = {
             **prompts,
             "subject": cfg.subject.name,
-            "instance_dir": os.path.abspath(run.instance_dir),
-            "real_images_dir": os.path.abspath(cfg.eval.real_images_dir or run.instance_dir),  # what evaluation reads
+            "instance_dir": os.path.abspath(parts.instance_dir),
+            "real_images_dir": os.path.abspath(cfg.eval.real_images_dir or parts.instance_dir),  # what evaluation reads
             "base_model": base_model,
             "method": method.name,
             "steps": trainer.global_step,
         }
         if validation and validation.selection:
             validation.restore_selected(module)
-            run_info["validation"] = validation.selection
+            export_info["validation"] = validation.selection
         retire_eval(output_dir)
-        result["pipeline"] = str(method.export(module, output_dir, run_info, cfg.export.dtype))
+        result["pipeline"] = str(method.export(module, output_dir, export_info, cfg.export.dtype))
         log.info("Exported the fine-tuned model (%s) to %s", method.name, result["pipeline"])
-        result.update(render_export(cfg, result["pipeline"], run_info, loggers))
+        result.update(render_export(cfg, result["pipeline"], export_info, loggers))
     return result
 
 
-def render_export(cfg: DictConfig, pipeline: str, run_info: dict, loggers: list) -> dict:
+def render_export(cfg: DictConfig, pipeline: str, export_info: dict, loggers: list) -> dict:
     """The final samples and the evaluation of the export, from one load of it when both render on the same
     device in the same dtype (render() puts back the scheduler the samples swap, so the evaluation's numbers
     are those of a fresh load)."""
@@ -239,12 +239,12 @@ def render_export(cfg: DictConfig, pipeline: str, run_info: dict, loggers: list)
                 pipeline_dir=pipeline,
                 output_dir=str(Path(cfg.paths.output_dir)),
                 eval_cfg=cfg.eval,
-                real_images_dir=run_info["real_images_dir"],
+                real_images_dir=export_info["real_images_dir"],
                 subject=cfg.subject.name,
                 class_noun=cfg.subject.class_noun,
-                identifier=run_info["identifier"],
-                instance_class_noun=run_info["class_noun"],
-                run_meta=run_meta_from_config(cfg),
+                identifier=export_info["identifier"],
+                instance_class_noun=export_info["class_noun"],
+                provenance=provenance_from_config(cfg),
                 loggers=loggers,
                 pipe=pipe,
             )
