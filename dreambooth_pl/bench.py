@@ -22,10 +22,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.models.pipelines import load_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.training.job import build_parts
+from dreambooth_pl.util.config import resolve_path
 
 log = logging.getLogger(__name__)
 

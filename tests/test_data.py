@@ -191,8 +191,8 @@ def test_noise_and_near_duplicate_photos_are_named_before_training(tmp_path, cap
 @pytest.mark.parametrize(("subject", "warned"), [("teapot", True), ("toy_teapot", False), ("demo", False)])
 def test_the_toy_model_on_photos_from_elsewhere_says_so(subject, warned, tmp_path, caplog):
     """model=toy (the default) with the DreamBooth dataset's teapot: one line naming the real-model command."""
-    from dreambooth_pl.util.config import resolve_path
     from dreambooth_pl.checks import model_checks
+    from dreambooth_pl.util.config import resolve_path
     from tests.conftest import compose_train
 
     root = tmp_path if subject == "demo" else DREAMBOOTH_ROOT  # demo without a dataset: a toy-world render

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl.models import samples as samples_module
 from dreambooth_pl.evaluation import render as render_module
 from dreambooth_pl.evaluation.cache import evaluate_cached
 from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.models import pipelines as models_module
+from dreambooth_pl.models import samples as samples_module
 from dreambooth_pl.toyworld.subjects import GroundTruth
 from dreambooth_pl.training.job import train
 from tests.conftest import REPO, compose_train

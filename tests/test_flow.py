@@ -17,11 +17,11 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from dreambooth_pl.util.config import ConfigError, resolve_path
 from dreambooth_pl.models.objectives import FlowMatching
 from dreambooth_pl.models.pipelines import load_components
-from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.training.job import build_parts, train
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.util.config import ConfigError, resolve_path
 from tests.conftest import FAST, compose_train, needs_dataset
 from tests.test_sdxl import mixed_batch
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.models.pipelines import load_components, load_pipeline
 from dreambooth_pl.models.sampling import use_scheduler
 from dreambooth_pl.training.job import train
+from dreambooth_pl.util.config import resolve_path
 from tests.conftest import FAST, compose_train, needs_dataset
 
 pytestmark = needs_dataset

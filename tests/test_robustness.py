@@ -24,15 +24,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from dreambooth_pl.checks import check_config
 from dreambooth_pl.evaluation.record import provenance_from_config
-from dreambooth_pl.models.samples import generate
 from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
+from dreambooth_pl.models.samples import generate
 from dreambooth_pl.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
 from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.training.class_images import ClassImageCache
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.checks import check_config
 from dreambooth_pl.training.job import train
 from dreambooth_pl.training.module import DreamBoothModule, TrainingDiverged
 from dreambooth_pl.util.config import ConfigError

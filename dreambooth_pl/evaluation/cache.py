@@ -23,8 +23,8 @@ from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.evaluation.render import ImageProducer
 from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.runs.export import write_dir_atomically
-from dreambooth_pl.util.files import ProcessLock, atomic_file
 from dreambooth_pl.runs.layout import EVAL_DIR, METRICS_FILE
+from dreambooth_pl.util.files import ProcessLock, atomic_file
 
 log = logging.getLogger(__name__)
 

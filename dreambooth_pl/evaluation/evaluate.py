@@ -53,7 +53,7 @@ from dreambooth_pl.evaluation.render import (
 )
 from dreambooth_pl.models.hub import require_reachable
 from dreambooth_pl.runs.export import read_export_info
-from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, PIPELINE, EXPORT_INFO, exports
+from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, EXPORT_INFO, PIPELINE, exports
 from dreambooth_pl.runs.loggers import close_loggers
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.util.config import ConfigError

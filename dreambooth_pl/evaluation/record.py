@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from dreambooth_pl.evaluation.protocol import EvalPrompt
 from dreambooth_pl.evaluation.render import ImageJob
 from dreambooth_pl.runs.export import read_export_info
-from dreambooth_pl.util.files import write_json_atomically
 from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_HISTORY, EVAL_IMAGES, METRICS_FILE
+from dreambooth_pl.util.files import write_json_atomically
 
 log = logging.getLogger(__name__)
 

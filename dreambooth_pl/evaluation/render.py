@@ -20,9 +20,9 @@ from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.models.pipelines import loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.runs.export import read_export_info
-from dreambooth_pl.util.files import ProcessLock, write_json_atomically
 from dreambooth_pl.runs.layout import EVAL_LOCK
 from dreambooth_pl.text.prompts import fill_prompt
+from dreambooth_pl.util.files import ProcessLock, write_json_atomically
 from dreambooth_pl.util.images import image_grid, is_readable_image, save_atomically
 
 log = logging.getLogger(__name__)

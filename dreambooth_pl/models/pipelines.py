@@ -28,9 +28,9 @@ from dreambooth_pl.runs.export import (
     read_export_info,
     save_pipeline_atomically,
 )
-from dreambooth_pl.util.files import ProcessLock
 from dreambooth_pl.text.vocab import build_clip_tokenizer, build_t5_tokenizer, clip_vocab_from_bpe, word_vocab
 from dreambooth_pl.util.console import quiet_loading_bars
+from dreambooth_pl.util.files import ProcessLock
 
 log = logging.getLogger(__name__)
 quiet_loading_bars()

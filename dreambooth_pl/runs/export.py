@@ -13,8 +13,8 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.util.files import DiskFull, disk_use, umask_mode
 from dreambooth_pl.runs.layout import EXPORT_INFO
+from dreambooth_pl.util.files import DiskFull, disk_use, umask_mode
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # method.export_kohya: the SDXL scripts' name

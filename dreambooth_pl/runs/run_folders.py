@@ -21,7 +21,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dreambooth_pl.runs.layout import CHECKPOINTS, HYDRA_DIR, EXPORT_INFO, RUN_LOCK
+from dreambooth_pl.runs.layout import CHECKPOINTS, EXPORT_INFO, HYDRA_DIR, RUN_LOCK
 from dreambooth_pl.runs.records import select
 from dreambooth_pl.util.config import CONF_DIR, PROJECT_ROOT, ConfigError, EnvironmentRead
 

@@ -15,25 +15,25 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from dreambooth_pl.checks import check_config, instance_templates, model_checks, prior_active
+from dreambooth_pl.evaluation.evaluate import evaluate_run
+from dreambooth_pl.evaluation.record import provenance_from_config, retire_eval
+from dreambooth_pl.models.hub import require_reachable
+from dreambooth_pl.models.pipelines import load_tokenizer, loaded_pipeline
+from dreambooth_pl.models.samples import generate
+from dreambooth_pl.runs import layout
 from dreambooth_pl.runs.checkpoints import check_checkpoint_fits, resolve_ckpt_path
+from dreambooth_pl.runs.export import recover_exports
+from dreambooth_pl.runs.loggers import close_loggers, wandb_location
+from dreambooth_pl.text.identifier import resolve_identifier
+from dreambooth_pl.text.prompts import fill_prompt
+from dreambooth_pl.training.data import DreamBoothDataModule
+from dreambooth_pl.training.methods import FineTuneMethod
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.training.validation import Validation, validation_prompts
 from dreambooth_pl.util.config import ConfigError, log_paths, resolve_path
 from dreambooth_pl.util.console import one_console_handler
 from dreambooth_pl.util.images import list_images
-from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.checks import check_config, instance_templates, model_checks, prior_active
-from dreambooth_pl.evaluation.evaluate import evaluate_run
-from dreambooth_pl.evaluation.record import retire_eval, provenance_from_config
-from dreambooth_pl.runs import layout
-from dreambooth_pl.runs.export import recover_exports
-from dreambooth_pl.models.samples import generate
-from dreambooth_pl.text.identifier import resolve_identifier
-from dreambooth_pl.runs.loggers import close_loggers, wandb_location
-from dreambooth_pl.training.methods import FineTuneMethod
-from dreambooth_pl.models.hub import require_reachable
-from dreambooth_pl.models.pipelines import load_tokenizer, loaded_pipeline
-from dreambooth_pl.training.module import DreamBoothModule
-from dreambooth_pl.training.validation import Validation, validation_prompts
-from dreambooth_pl.text.prompts import fill_prompt
 
 log = logging.getLogger(__name__)
 # The frozen VAE (and text encoder) are in eval mode on purpose, and the datamodule's checkpointed state

@@ -26,9 +26,9 @@ from dreambooth_pl.evaluation.protocol import EvalPrompt
 from dreambooth_pl.evaluation.render import plan_images
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.reporting.tradeoff import draw_tradeoff
-from dreambooth_pl.util.files import atomic_file
 from dreambooth_pl.runs.layout import TRADEOFF_FIGURE, VALIDATION_CURVE, VALIDATION_DIR, VALIDATION_SELECTED
 from dreambooth_pl.text.prompts import fill_prompt
+from dreambooth_pl.util.files import atomic_file
 from dreambooth_pl.util.images import image_grid, list_images, load_rgb, save_atomically
 
 log = logging.getLogger(__name__)
