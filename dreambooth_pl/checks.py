@@ -2,8 +2,9 @@
 of work (or after the weights load) are refused here first, naming the option.
 
 `check_config` (train.py), `check_eval_config` (train.py with eval.enabled, and `python -m
-dreambooth_pl.evaluate`) run before any weights load; `DreamBoothModule` calls `module_problems` before it
-loads its components, for a module built without train.py.
+dreambooth_pl.evaluate`) run before any weights load, and `model_checks` (what a model config registers)
+once the photos are found; `DreamBoothModule` calls `module_problems` before it loads its components, for a
+module built without train.py.
 """
 
 from __future__ import annotations
