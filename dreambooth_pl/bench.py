@@ -22,10 +22,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.models.pipelines import load_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
-from dreambooth_pl.training.job import build_run
+from dreambooth_pl.training.job import build_parts
+from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.util.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def variant_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def trainer_steps_per_s(cfg: DictConfig, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    run = build_run(cfg)
+    parts = build_parts(cfg)
     timer = StepTimer(warmup)
     trainer = instantiate(
         cfg.trainer,
@@ -108,14 +108,14 @@ def trainer_steps_per_s(cfg: DictConfig, steps: int, warmup: int, device: torch.
     )
     memory = PeakMemory(device)
     with memory.watch():
-        trainer.fit(run.module, datamodule=run.datamodule)
+        trainer.fit(parts.module, datamodule=parts.datamodule)
     return steps / (timer.end - timer.start), memory.peak_mib
 
 
 def plain_loop_steps_per_s(cfg: DictConfig, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """The same module, batch and loss in a hand-written loop: no Trainer, no callbacks, no logging."""
-    run = build_run(cfg)
-    module, data = run.module.to(device), run.datamodule
+    parts = build_parts(cfg)
+    module, data = parts.module.to(device), parts.datamodule
     data.prepare_data()
     data.setup("fit")
     module.train()

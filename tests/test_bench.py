@@ -75,7 +75,7 @@ def test_threads_bench_runs_torch_default_then_one_thread(tmp_path, cache_dir):
     no generation figures are made; a run's cpu_threads below 1 is named before any work."""
     import torch
 
-    from dreambooth_pl.training.job import build_run
+    from dreambooth_pl.training.job import build_parts
     from dreambooth_pl.util.config import ConfigError
 
     cfg = compose_bench(
@@ -93,4 +93,4 @@ def test_threads_bench_runs_torch_default_then_one_thread(tmp_path, cache_dir):
     assert all(row["steps_per_s"] > 0 for row in result["rows"]) and "class_images_per_s" not in result
     assert "| 1 thread | 1 |" in (tmp_path / "bench.md").read_text()
     with pytest.raises(ConfigError, match=r"cpu_threads=0 must be >= 1"):
-        build_run(variant_config(cfg, ["cpu_threads=0"]))
+        build_parts(variant_config(cfg, ["cpu_threads=0"]))

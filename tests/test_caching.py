@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.models.pipelines import load_components
 from dreambooth_pl.training.job import train
+from dreambooth_pl.util.config import resolve_path
 from tests.conftest import FAST, compose_train, needs_dataset
 
 pytestmark = needs_dataset

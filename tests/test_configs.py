@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dreambooth_pl.training.job import check_config, prior_active
+from dreambooth_pl.checks import check_config, prior_active
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 
 CONF = REPO / "conf"

@@ -188,17 +188,21 @@ def test_noise_and_near_duplicate_photos_are_named_before_training(tmp_path, cap
     assert "near-duplicate photos (a.png = b.png, a.png = c.png, b.png = c.png)" in warnings[1]
 
 
-@pytest.mark.parametrize(("subject", "warned"), [("teapot", True), ("toy_teapot", False), ("demo", False)])
-def test_the_toy_model_on_photos_from_elsewhere_says_so(subject, warned, tmp_path, caplog):
-    """model=toy (the default) with the DreamBooth dataset's teapot: one line naming the real-model command."""
+@pytest.mark.parametrize(
+    ("subject", "extra", "warned"),
+    [("teapot", [], True), ("teapot", ["model.checks=[]"], False), ("toy_teapot", [], False), ("demo", [], False)],
+)
+def test_the_toy_model_on_photos_from_elsewhere_says_so(subject, extra, warned, tmp_path, caplog):
+    """model=toy (the default) with the DreamBooth dataset's teapot: one line naming the real-model command,
+    from the check conf/model/toy.yaml registers (`model.checks=[]`: none)."""
+    from dreambooth_pl.checks import model_checks
     from dreambooth_pl.util.config import resolve_path
-    from dreambooth_pl.training.job import warn_toy_model_on_photos
     from tests.conftest import compose_train
 
     root = tmp_path if subject == "demo" else DREAMBOOTH_ROOT  # demo without a dataset: a toy-world render
-    cfg = compose_train([f"subject={subject}", f"paths.dreambooth_root={root}"], tmp_path / "run", tmp_path)
+    cfg = compose_train([f"subject={subject}", f"paths.dreambooth_root={root}", *extra], tmp_path / "run", tmp_path)
     with caplog.at_level(logging.WARNING):
-        warn_toy_model_on_photos(cfg, resolve_path(cfg.model.pretrained), resolve_path(cfg.subject.instance_dir))
+        model_checks(cfg, resolve_path(cfg.model.pretrained), resolve_path(cfg.subject.instance_dir))
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == int(warned)
     if warned:

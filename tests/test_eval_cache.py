@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl import generate as generate_module
 from dreambooth_pl.evaluation import render as render_module
 from dreambooth_pl.evaluation.cache import evaluate_cached
 from dreambooth_pl.evaluation.evaluate import evaluate_run
 from dreambooth_pl.models import pipelines as models_module
+from dreambooth_pl.models import samples as samples_module
 from dreambooth_pl.toyworld.subjects import GroundTruth
 from dreambooth_pl.training.job import train
 from tests.conftest import REPO, compose_train
@@ -41,7 +41,7 @@ def counted(monkeypatch) -> dict:
 
     monkeypatch.setattr(render_module, "render", counting_render)
     monkeypatch.setattr(models_module, "load_pipeline", counting_load)
-    monkeypatch.setattr(generate_module, "load_pipeline", counting_load)
+    monkeypatch.setattr(samples_module, "load_pipeline", counting_load)
     return counts
 
 
@@ -53,10 +53,10 @@ def test_a_cached_control_evaluation_is_copied_bit_for_bit_and_a_changed_key_ren
     cache = str(tmp_path / "cache")
     args = (str(TEAPOT), "toy_teapot", "teapot", "sks")
     meta = {"method": "base", "steps": 0, "control": True}
-    first = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "a"), toy_eval(), *args, run_meta=meta)
+    first = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "a"), toy_eval(), *args, provenance=meta)
     assert first["generated"] == 4 and counted["images"] == 4
 
-    again = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "b"), toy_eval(), *args, run_meta=meta)
+    again = evaluate_cached(cache, str(TOYWORLD / "pipeline"), str(tmp_path / "b"), toy_eval(), *args, provenance=meta)
     assert again["generated"] == 0 and counted["images"] == 4 and len(counted["loads"]) == 1  # nothing loaded
     metrics = [(tmp_path / run / "eval" / "metrics.json").read_bytes() for run in ("a", "b")]
     assert metrics[0] == metrics[1]
@@ -65,11 +65,11 @@ def test_a_cached_control_evaluation_is_copied_bit_for_bit_and_a_changed_key_ren
     assert images == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "eval").rglob("*.png"))
 
     reseeded = evaluate_cached(
-        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "c"), toy_eval("eval.seed=7"), *args, run_meta=meta
+        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "c"), toy_eval("eval.seed=7"), *args, provenance=meta
     )
     assert reseeded["generated"] == 4 and counted["images"] == 8
     other_words = evaluate_cached(
-        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "d"), toy_eval(), *args[:3], "blue", run_meta=meta
+        cache, str(TOYWORLD / "pipeline"), str(tmp_path / "d"), toy_eval(), *args[:3], "blue", provenance=meta
     )
     assert other_words["generated"] == 4 and counted["images"] == 12
     fresh = json.loads((tmp_path / "c" / "eval" / "metrics.json").read_text())
@@ -81,9 +81,9 @@ def test_a_drawn_control_is_keyed_by_its_drawing(tmp_path, counted):
     truth = GroundTruth.of(TEAPOT, "sks")
     meta = {"method": "renderer", "steps": 0, "control": True}
 
-    def drawn(folder: str, draw) -> dict:
+    def drawn(folder: str, producer) -> dict:
         return evaluate_cached(cache, None, str(tmp_path / folder), toy_eval(), str(TEAPOT), "toy_teapot",
-                               "teapot", "sks", run_meta=meta, draw=draw)  # fmt: skip
+                               "teapot", "sks", provenance=meta, producer=producer)  # fmt: skip
 
     assert drawn("a", truth)["generated"] == 4
     assert drawn("b", truth)["generated"] == 0

@@ -19,7 +19,7 @@ from PIL import Image
 from dreambooth_pl.evaluation import render as render_module
 from dreambooth_pl.evaluation.evaluate import evaluate_from_config, evaluate_run, find_export
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists, subject_prompts
-from dreambooth_pl.evaluation.record import class_noun_condition, run_meta_from_config
+from dreambooth_pl.evaluation.record import class_noun_condition, provenance_from_config
 from dreambooth_pl.evaluation.render import ImageJob, generate_missing
 from dreambooth_pl.models import pipelines as models_module
 from dreambooth_pl.models.hub import ModelNotReachable
@@ -44,7 +44,7 @@ def compose_eval(overrides: list[str]):
 def evaluated_sweep(root: Path, cache_dir: Path) -> Path:
     """`train.py -m ablation=ppl` on the tiny model (lambda 0 and 1), both runs evaluated; built once per session.
 
-    Run 0 is evaluated in-process the way training does (run_meta from its config, CSV and offline W&B
+    Run 0 is evaluated in-process the way training does (provenance from its config, CSV and offline W&B
     loggers, 2 images per prompt); run 1 through `python -m dreambooth_pl.evaluate run_dir=...` with 1 image
     per prompt, so DIV is undefined there.
     """
@@ -76,7 +76,7 @@ def evaluated_sweep(root: Path, cache_dir: Path) -> Path:
             "teapot",
             "teapot",
             "sks",
-            run_meta=run_meta_from_config(saved_run_config(run)),
+            provenance=provenance_from_config(saved_run_config(run)),
             loggers=[CSVLogger(save_dir=run, name="csv"), wandb_logger],
         )
         wandb_logger.experiment.finish()
@@ -163,7 +163,7 @@ def test_eval_group_composes_into_the_training_config(tmp_path):
     )
     OmegaConf.to_container(cfg.eval, resolve=True)
     assert cfg.eval.enabled is True  # an ablation sweep evaluates every job
-    meta = run_meta_from_config(cfg)
+    meta = provenance_from_config(cfg)
     assert meta == {
         "method": "dreambooth",
         "model": "toy",  # the default model

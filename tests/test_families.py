@@ -7,8 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.models.pipelines import load_components
+from dreambooth_pl.training.module import DreamBoothModule
 from tests.test_losses import fixed_batch, hand_mse
 
 # The checkpoint names of main at 61a2b08 (before the family seam): old checkpoints must still load.

@@ -20,25 +20,26 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from dreambooth_pl.checks import check_config
 from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess
 from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
 from dreambooth_pl.models.hub import ModelNotReachable, from_pretrained_or_explain
 from dreambooth_pl.runs.checkpoints import CheckpointError
 from dreambooth_pl.runs.export import write_dir_atomically
-from dreambooth_pl.runs.files import DiskFull, ProcessLock, atomic_file
 from dreambooth_pl.runs.layout import WANDB_RUN
 from dreambooth_pl.runs.loggers import read_wandb_run
 from dreambooth_pl.toyworld.pretrain import build
 from dreambooth_pl.toyworld.subjects import SUBJECTS_FILE, subject_views
 from dreambooth_pl.training.class_images import MANIFEST, ClassImageCache
-from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.training.job import train
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.util.config import ConfigError
+from dreambooth_pl.util.files import DiskFull, ProcessLock, atomic_file
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.test_metrics import tiny_embedding_models, tiny_eval_overrides
 from tests.test_toyworld import compose_toyworld
 
-HOLD_LOCK = "import sys, time; from dreambooth_pl.runs.files import ProcessLock; ProcessLock(sys.argv[1], 'x').acquire(); "
+HOLD_LOCK = "import sys, time; from dreambooth_pl.util.files import ProcessLock; ProcessLock(sys.argv[1], 'x').acquire(); "
 
 
 def train_py(args: list[str], cwd: Path, expect: int) -> str:

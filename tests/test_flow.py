@@ -17,11 +17,11 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from dreambooth_pl.util.config import ConfigError, resolve_path
-from dreambooth_pl.training.losses import FlowMatching
+from dreambooth_pl.models.objectives import FlowMatching
 from dreambooth_pl.models.pipelines import load_components
+from dreambooth_pl.training.job import build_parts, train
 from dreambooth_pl.training.module import DreamBoothModule
-from dreambooth_pl.training.job import build_run, train
+from dreambooth_pl.util.config import ConfigError, resolve_path
 from tests.conftest import FAST, compose_train, needs_dataset
 from tests.test_sdxl import mixed_batch
 
@@ -413,7 +413,7 @@ def test_free_text_encoders_caches_the_fixed_prompts_then_drops_the_encoders(tmp
 def test_what_cannot_run_here_stops_before_any_work(tmp_path, overrides, message):
     cfg = tiny_cfg("flux", tmp_path / "cache", overrides, output=tmp_path / "run")
     with pytest.raises(ConfigError, match=message):
-        build_run(cfg)
+        build_parts(cfg)
     assert not (tmp_path / "cache").exists()  # no model built, no class image made
 
 

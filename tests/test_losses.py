@@ -7,13 +7,9 @@ import math
 import pytest
 import torch
 
-from dreambooth_pl.training.losses import (
-    dreambooth_loss,
-    offset_noise,
-    prediction_target,
-    snr_weights,
-)
+from dreambooth_pl.models.objectives import prediction_target, snr_weights
 from dreambooth_pl.models.pipelines import load_components
+from dreambooth_pl.training.losses import dreambooth_loss, offset_noise
 from dreambooth_pl.training.module import DreamBoothModule
 
 ALPHAS = torch.linspace(0.999, 0.01, 1000)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.models.pipelines import load_components, load_pipeline
 from dreambooth_pl.models.sampling import use_scheduler
 from dreambooth_pl.training.job import train
+from dreambooth_pl.util.config import resolve_path
 from tests.conftest import FAST, compose_train, needs_dataset
 
 pytestmark = needs_dataset
@@ -75,10 +75,10 @@ def test_lora_trains_only_adapters(lora_run):
     so comparing with zero would pass untrained); every base weight is the base model's."""
     import lightning as L
 
-    from dreambooth_pl.training.job import build_run
+    from dreambooth_pl.training.job import build_parts
 
     L.seed_everything(lora_run["cfg"].seed, workers=True)
-    initial = dict(build_run(lora_run["cfg"]).module.unet.named_parameters())
+    initial = dict(build_parts(lora_run["cfg"]).module.unet.named_parameters())
     base = load_components(lora_run["base"])
     trained = lora_run["module"]
     base_params = dict(base.unet.named_parameters())
@@ -215,10 +215,10 @@ def test_lora_export_folds_alpha_into_every_target_not_only_attention(tmp_path, 
     ],
 )
 def test_text_encoder_adapters_learn_at_their_own_rate_and_weight_decay(tmp_path, cache_dir, model, expected):
-    from dreambooth_pl.training.job import build_run
+    from dreambooth_pl.training.job import build_parts
 
     cfg = compose_train([*FAST, f"model={model}", "method=lora", "method.train_text_encoder=true"], tmp_path, cache_dir)
-    module = build_run(cfg).module
+    module = build_parts(cfg).module
     optimizer = module.configure_optimizers()["optimizer"]
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == expected
     text = {id(p) for e in module.text_encoders.values() for p in e.parameters() if p.requires_grad}

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-from dreambooth_pl.util.images import load_rgb
 from dreambooth_pl.evaluation.metrics import (
     ClipEmbedder,
     DinoEmbedder,
@@ -33,6 +32,7 @@ from dreambooth_pl.evaluation.metrics import (
 )
 from dreambooth_pl.models.hub import ModelNotReachable
 from dreambooth_pl.text.vocab import build_clip_tokenizer, word_vocab
+from dreambooth_pl.util.images import load_rgb
 from tests.conftest import DREAMBOOTH_ROOT, needs_dataset
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

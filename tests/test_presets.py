@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.models.pipelines import load_pipeline
 from dreambooth_pl.training.job import train
+from dreambooth_pl.util.config import resolve_path
 from tests.conftest import DREAMBOOTH_ROOT, FAST, compose_train, needs_dataset
 from tests.test_distributed import train_py
 

@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from dreambooth_pl.checks import check_config, family_problems
 from dreambooth_pl.models.families import Components
+from dreambooth_pl.models.objectives import FlowMatching
 from dreambooth_pl.models.pipelines import inference_dtype, load_components, load_pipeline, stored_dtype
 from dreambooth_pl.runs.export import LORA_KOHYA_WEIGHTS, LORA_WEIGHTS
-from dreambooth_pl.training.job import check_config, family_problems
-from dreambooth_pl.training.losses import FlowMatching
 from dreambooth_pl.training.methods import LoRA
 from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.util.config import ConfigError, resolve_path

@@ -15,7 +15,7 @@ import pytest
 
 from dreambooth_pl.evaluation.record import model_location
 from dreambooth_pl.reporting.controls import control_rows
-from dreambooth_pl.reporting.records import load_run
+from dreambooth_pl.reporting.records import read_report_row
 from dreambooth_pl.reporting.report import main, write_report
 from dreambooth_pl.reporting.statistics import paired_comparisons, t_quantile
 from dreambooth_pl.reporting.tables import build_tables
@@ -80,7 +80,7 @@ def rows_by_label(rows: list[dict]) -> dict[str, dict]:
 
 
 def test_tables_average_per_subject_then_over_subjects(runs):
-    tables = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))], BASE_ONLY)
+    tables = build_tables([read_report_row(p) for p in sorted(runs.rglob("eval/metrics.json"))], BASE_ONLY)
     t1 = rows_by_label(tables["table1"])
     ours = t1[("ours", "DreamBooth (sd15, PPL λ=1)")]
     # teapot: (0.6 + 0.8) / 2 = 0.7, dog: 0.5 -> mean 0.6, standard error stdev(0.7, 0.5) / sqrt 2 = 0.1
@@ -115,7 +115,7 @@ def test_tables_average_per_subject_then_over_subjects(runs):
     assert (paper4["none"]["dino_mean"], paper4["wrong"]["clip_i_mean"]) == (0.303, 0.728)
 
     write_run(runs, "h", "teapot", 0.05, prior_weight=None, method="base")  # a control: prompted, never trained
-    t4 = build_tables([load_run(p) for p in sorted(runs.rglob("eval/metrics.json"))], BASE_ONLY)["table4"]
+    t4 = build_tables([read_report_row(p) for p in sorted(runs.rglob("eval/metrics.json"))], BASE_ONLY)["table4"]
     labels = [r["row"] for r in t4 if r["source"] == "ours"]
     assert "Base model (sd15, no fine-tuning; control)" in labels and "DreamBooth (sd15, PPL λ=1): No Class" in labels
 
@@ -123,7 +123,7 @@ def test_tables_average_per_subject_then_over_subjects(runs):
 def test_unknown_prior_is_not_taken_for_no_prior(tmp_path):
     write_run(tmp_path, "x", "teapot", 0.5, prior_enabled=None, prior_weight=None)
     (row,) = [
-        r for r in build_tables([load_run(tmp_path / "x" / "eval" / "metrics.json")], BASE_ONLY)["table1"] if r.get("method")
+        r for r in build_tables([read_report_row(tmp_path / "x" / "eval" / "metrics.json")], BASE_ONLY)["table1"] if r.get("method")
     ]
     assert row["row"] == "DreamBooth (sd15, prior unknown)"
 
@@ -164,7 +164,7 @@ def test_rows_are_compared_by_paired_differences_per_subject(tmp_path):
         write_run(tmp_path, f"{subject}-no-ppl", subject, without, weight=0.0)
         write_run(tmp_path, f"{subject}-base", subject, base, method="base", prior_weight=None, prior_enabled=None)
     write_run(tmp_path, "s1-none", "s1", 0.2, condition="none")  # one subject: a difference, no interval
-    rows = paired_comparisons([load_run(p) for p in sorted(tmp_path.rglob("eval/metrics.json"))], BASE_ONLY)
+    rows = paired_comparisons([read_report_row(p) for p in sorted(tmp_path.rglob("eval/metrics.json"))], BASE_ONLY)
     found = {(r["table"], r["comparison"], r["metric"]): r for r in rows}
 
     # lambda 1 - lambda 0 per subject: 0.7 - 0.5, 0.5 - 0.3, 0.9 - 0.6 = 0.2, 0.2, 0.3

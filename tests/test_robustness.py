@@ -24,15 +24,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dreambooth_pl.evaluation.record import run_meta_from_config
-from dreambooth_pl.generate import generate
+from dreambooth_pl.checks import check_config
+from dreambooth_pl.evaluation.record import provenance_from_config
 from dreambooth_pl.models.hub import ModelNotReachable, check_pretrained
+from dreambooth_pl.models.samples import generate
 from dreambooth_pl.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_step
 from dreambooth_pl.runs.export import recover_exports, write_dir_atomically
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.training.class_images import ClassImageCache
 from dreambooth_pl.training.data import DreamBoothDataModule
-from dreambooth_pl.training.job import check_config, train
+from dreambooth_pl.training.job import train
 from dreambooth_pl.training.module import DreamBoothModule, TrainingDiverged
 from dreambooth_pl.util.config import ConfigError
 from dreambooth_pl.util.images import ImageFolderError, is_readable_image, list_images, save_atomically
@@ -514,7 +515,7 @@ def test_a_saved_config_is_read_without_this_machines_environment(tmp_path, monk
     monkeypatch.setenv("SOME_API_TOKEN", "secret-token-value")
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("tags: ['${oc.env:SOME_API_TOKEN}']\nseed: 1\n")
-    meta = run_meta_from_config(saved_run_config(tmp_path))
+    meta = provenance_from_config(saved_run_config(tmp_path))
     assert meta["tags"] == ["${oc.env:SOME_API_TOKEN}"] and meta["seed"] == 1
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth_pl.evaluation.evaluate import evaluate_from_config
-from dreambooth_pl.evaluation.record import run_meta_from_config
+from dreambooth_pl.evaluation.record import provenance_from_config
 from dreambooth_pl.runs.layout import WANDB_RUN
 from dreambooth_pl.runs.loggers import read_wandb_run
 from dreambooth_pl.runs.records import MAX_RECORD_BYTES, saved_run_config
@@ -199,7 +199,7 @@ def test_a_saved_config_is_data_old_layout_and_resolvers_included(tmp_path):
     (tmp_path / ".hydra" / "hydra.yaml").write_text("hydra: {runtime: {choices: {toy_row: lora}}}\n")
     os.environ["SENTINEL_ENV"] = SENTINEL
     try:
-        meta = run_meta_from_config(saved_run_config(tmp_path))
+        meta = provenance_from_config(saved_run_config(tmp_path))
     finally:
         del os.environ["SENTINEL_ENV"]
     assert meta["method"] == "lora" and meta["model"] == "toy" and meta["prior_weight"] == 3

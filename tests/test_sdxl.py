@@ -13,13 +13,13 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from dreambooth_pl.util.config import resolve_path
-from dreambooth_pl.training.data import DreamBoothDataset, collate
 from dreambooth_pl.models.families import get_family
-from dreambooth_pl.util.images import ImageTransform
 from dreambooth_pl.models.pipelines import load_components, load_pipeline
-from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.training.data import DreamBoothDataset, collate
 from dreambooth_pl.training.job import train
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.util.config import resolve_path
+from dreambooth_pl.util.images import ImageTransform
 from tests.conftest import FAST, compose_train, needs_dataset
 from tests.test_methods import render, run
 

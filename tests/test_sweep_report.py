@@ -164,12 +164,12 @@ def test_the_toy_world_plugs_in_its_control_rows(tmp_path):
     assert isinstance(world, ToyWorld) and world.attribute_words == "{colour}"
     photos = REPO / "toyworld" / "dataset" / "heldout_teapot"
     jobs = world.control_jobs({"real_images_dir": str(photos), "identifier": "sks"})
-    assert [(j.method, j.identifier, j.draw is None) for j in jobs] == [
+    assert [(j.method, j.identifier, j.producer is None) for j in jobs] == [
         ("attribute_words", "red", True),  # the base model, prompted "a red teapot in the jungle"
         ("renderer", "sks", False),
         ("renderer_lookalike", "sks", False),
     ]
-    truth, lookalike = jobs[1].draw("a sks teapot in the jungle", 3), jobs[2].draw("a sks teapot in the jungle", 3)
+    truth, lookalike = jobs[1].producer("a sks teapot in the jungle", 3), jobs[2].producer("a sks teapot in the jungle", 3)
     assert truth.size == lookalike.size and truth.tobytes() != lookalike.tobytes()
     (tmp_path / "photos").mkdir()
     assert world.control_jobs({"real_images_dir": str(tmp_path / "photos"), "identifier": "sks"}) == []

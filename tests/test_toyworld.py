@@ -19,18 +19,19 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
-from dreambooth_pl.util.config import ConfigError, resolve_path
-from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
-from dreambooth_pl.util.images import load_rgb
 from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess
+from dreambooth_pl.evaluation.protocol import read_class_table, read_prompt_lists
 from dreambooth_pl.models.pipelines import load_components, loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
 from dreambooth_pl.toyworld import scenes
-from dreambooth_pl.toyworld.pretrain import build, render_world, world_words
+from dreambooth_pl.toyworld.pretrain import build
 from dreambooth_pl.toyworld.prior import colour_entropy
 from dreambooth_pl.toyworld.readers import validate_readers
 from dreambooth_pl.toyworld.subjects import GroundTruth, subject_instance, subject_views, write_closeups
+from dreambooth_pl.toyworld.world import render_world, world_words
 from dreambooth_pl.training.job import train
+from dreambooth_pl.util.config import ConfigError, resolve_path
+from dreambooth_pl.util.images import load_rgb
 from tests.conftest import REPO, compose_train
 from tests.test_training import fixed_probe
 

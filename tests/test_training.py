@@ -12,11 +12,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.util.config import resolve_path
 from dreambooth_pl.training.data import collate
-from dreambooth_pl.util.images import ImageTransform, list_images, load_rgb
-from dreambooth_pl.training.module import DreamBoothModule
 from dreambooth_pl.training.job import train
+from dreambooth_pl.training.module import DreamBoothModule
+from dreambooth_pl.util.config import resolve_path
+from dreambooth_pl.util.images import ImageTransform, list_images, load_rgb
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, compose_train, needs_dataset
 from tests.wandb_records import history_rows
 

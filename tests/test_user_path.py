@@ -82,7 +82,7 @@ def test_a_sweep_job_is_refused_a_folder_another_run_holds(tmp_path):
     sweep with one line naming the folder and the holder's pid, before any training."""
     job = tmp_path / "sweep" / "0"
     job.mkdir(parents=True)
-    code = "import sys, time; from dreambooth_pl.runs.files import ProcessLock; "
+    code = "import sys, time; from dreambooth_pl.util.files import ProcessLock; "
     code += "ProcessLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(600)"
     holder = subprocess.Popen([sys.executable, "-c", code, str(job / ".run.lock")], stdout=subprocess.PIPE, text=True)
     try:

@@ -2,7 +2,7 @@
 
 The base model's row and the toy world's control rows render and score the same images in every sweep over
 the same subjects. Each whole `eval/` folder (images, grids, metrics.json) is stored under a key of what made
-it: the model's contents (or the drawing and its code), the evaluation settings with the readers' contents,
+it: the model's contents (or the image producer's fingerprint), the evaluation settings with the readers' contents,
 the real photos' contents, the subject and prompt words. A later evaluation with the same key copies the
 folder instead of rendering, so its metrics are the same bytes. Entries appear whole by atomic rename, and
 one process at a time fills an entry (the class-image cache's conventions: training/class_images.py).
@@ -11,21 +11,20 @@ one process at a time fills an entry (the class-image cache's conventions: train
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.evaluation.evaluate import evaluate_run
+from dreambooth_pl.evaluation.render import ImageProducer
 from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.runs.export import write_dir_atomically
-from dreambooth_pl.runs.files import ProcessLock, atomic_file
 from dreambooth_pl.runs.layout import EVAL_DIR, METRICS_FILE
+from dreambooth_pl.util.files import ProcessLock, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,6 @@ def _contents(path: str | None) -> dict | str | None:
     return {"path": str(target.resolve()), "contents": digest}
 
 
-def _drawing(draw: Callable) -> dict:
-    """A drawing as its value and the source of the package that draws (the toy renderer). Its repr is its
-    value for a dataclass such as the toy world's GroundTruth; a closure's names an address, so never hits."""
-    package = Path(inspect.getfile(draw if inspect.isfunction(draw) else type(draw))).parent
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))).hexdigest()[:16]
-    return {"draw": repr(draw), "code": digest}
-
-
 def evaluation_key(
     pipeline_dir: str | None,
     eval_cfg: dict,
@@ -59,14 +50,14 @@ def evaluation_key(
     subject: str,
     class_noun: str,
     identifier: str,
-    run_meta: dict | None,
-    draw: Callable | None,
+    provenance: dict | None,
+    producer: ImageProducer | None,
 ) -> dict:
     """Everything that decides an `evaluate_run`'s files (its arguments, read as contents where they are files)."""
     options = OmegaConf.create(eval_cfg)
     readers = {name: _contents(OmegaConf.select(options, name)) for name in READER_OPTIONS}
     return {
-        "model": _drawing(draw) if draw is not None else _contents(pipeline_dir),
+        "model": producer.fingerprint() if producer is not None else _contents(pipeline_dir),
         "eval": eval_cfg,
         "readers": readers,
         "device": torch.device(eval_cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")).type,
@@ -74,7 +65,7 @@ def evaluation_key(
         "subject": subject,
         "class_noun": class_noun,
         "identifier": identifier,
-        "run_meta": run_meta,
+        "run_meta": provenance,  # key.json's key since its first version (cached entries keep hitting)
     }
 
 
@@ -96,18 +87,18 @@ def evaluate_cached(
     subject: str,
     class_noun: str,
     identifier: str,
-    run_meta: dict | None = None,
-    draw: Callable | None = None,
+    provenance: dict | None = None,
+    producer: ImageProducer | None = None,
 ) -> dict:
-    """`evaluate_run` of an untrained model or a drawing, from `cache_dir` when it holds the same key
+    """`evaluate_run` of an untrained model or a world's image producer, from `cache_dir` when it holds the same key
     (`cache_dir` None: always evaluated). Returns what `evaluate_run` does; `generated` is 0 on a hit."""
     args = (real_images_dir, subject, class_noun, identifier)
     if cache_dir is None:
-        return evaluate_run(pipeline_dir, output_dir, eval_cfg, *args, run_meta=run_meta, draw=draw)
+        return evaluate_run(pipeline_dir, output_dir, eval_cfg, *args, provenance=provenance, producer=producer)
     settings = eval_cfg if isinstance(eval_cfg, dict) else OmegaConf.to_container(eval_cfg, resolve=True)
-    key = evaluation_key(pipeline_dir, settings, *args, run_meta, draw)
+    key = evaluation_key(pipeline_dir, settings, *args, provenance, producer)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = f"{subject}-{(run_meta or {}).get('method', 'base')}"
+    name = f"{subject}-{(provenance or {}).get('method', 'base')}"
     entry = Path(cache_dir) / f"{''.join(c if c.isalnum() or c in '_-' else '_' for c in name)[:60]}-{digest}"
     eval_dir = Path(output_dir) / EVAL_DIR
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +113,7 @@ def evaluate_cached(
                 "generated": 0,
                 **metrics,
             }
-        result = evaluate_run(pipeline_dir, output_dir, settings, *args, run_meta=run_meta, draw=draw)
+        result = evaluate_run(pipeline_dir, output_dir, settings, *args, provenance=provenance, producer=producer)
         with atomic_file(eval_dir / KEY_FILE, "w") as handle:
             json.dump(key, handle, indent=2, sort_keys=True)
         _copy(eval_dir, entry)

@@ -42,15 +42,22 @@ from dreambooth_pl.evaluation.metrics import (
     vae_feature_distance,
 )
 from dreambooth_pl.evaluation.protocol import EvalPrompt, read_class_table, subject_prompts
-from dreambooth_pl.evaluation.record import eval_metadata, run_meta_from_config, write_record
-from dreambooth_pl.evaluation.render import ImageJob, draw_images, generate_missing, plan_images, save_grids
+from dreambooth_pl.evaluation.record import eval_metadata, provenance_from_config, write_record
+from dreambooth_pl.evaluation.render import (
+    ImageJob,
+    ImageProducer,
+    generate_missing,
+    plan_images,
+    produce_images,
+    save_grids,
+)
 from dreambooth_pl.models.hub import require_reachable
-from dreambooth_pl.runs.export import read_run_info
-from dreambooth_pl.runs.files import check_writable
-from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, PIPELINE, REWRITTEN, RUN_INFO, WANDB_DIR, exports
+from dreambooth_pl.runs.export import read_export_info
+from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_IMAGES, EXPORT_INFO, PIPELINE, REWRITTEN, WANDB_DIR, exports
 from dreambooth_pl.runs.loggers import close_loggers
 from dreambooth_pl.runs.records import saved_run_config
 from dreambooth_pl.util.config import ConfigError
+from dreambooth_pl.util.files import check_writable
 from dreambooth_pl.util.images import list_images, load_rgb
 from dreambooth_pl.util.threads import use_cpu_threads
 
@@ -66,19 +73,19 @@ def evaluate_run(
     class_noun: str,
     identifier: str,
     instance_class_noun: str | None = None,
-    run_meta: dict | None = None,
+    provenance: dict | None = None,
     loggers: list[Logger] | None = None,
-    draw: Callable[[str, int], Image.Image] | None = None,
+    producer: ImageProducer | None = None,
     pipe: DiffusionPipeline | None = None,
 ) -> dict:
     """Generate (or reuse) the evaluation images, score them, write `<output_dir>/eval/metrics.json`.
 
     `class_noun` is the subject's real class (it picks the live/object prompt list and the PRES prompt);
     `instance_class_noun` is the noun the instance prompt used, which fills the prompts (default: the same).
-    `run_meta` says how the model was trained (see `run_meta_from_config`); it is stored for the report.
+    `provenance` says how the model was trained (see `provenance_from_config`); it is stored for the report.
     Summary metrics go to each logger; a W&B logger also gets a table of every image with its scores.
-    `draw(prompt, seed)`, when given, makes the images instead of a model (`pipeline_dir` None): the toy
-    renderer's ground truth, a control row. `pipe`: `pipeline_dir` already loaded (see `generate_missing`).
+    `producer`, when given, makes the images instead of a model (`pipeline_dir` None): a world's control row
+    (render.ImageProducer). `pipe`: `pipeline_dir` already loaded (see `generate_missing`).
     Returns the metrics with `eval_dir`, `metrics_file` and `generated` (images rendered this time).
     """
     cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
@@ -94,11 +101,11 @@ def evaluate_run(
     real = [load_rgb(p) for p in list_images(real_images_dir, option="eval.real_images_dir")]
     scorers = load_scorers(cfg)
 
-    if draw is None:
+    if producer is None:
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
         generated = generate_missing(pipeline_dir, jobs + pres_jobs, images_dir, sampler, cfg.device, cfg.dtype, pipe)
     else:
-        generated = draw_images(draw, jobs + pres_jobs, images_dir)
+        generated = produce_images(producer, jobs + pres_jobs, images_dir)
     images = [load_rgb(images_dir / j.file) for j in jobs]
     pres_images = [load_rgb(images_dir / j.file) for j in pres_jobs]
 
@@ -107,7 +114,7 @@ def evaluate_run(
     names = {"subject": subject, "identifier": identifier, "class_noun": class_noun, "instance_class_noun": noun}
     counts = {"generated": len(images), "real": len(real), "pres": len(pres_images)}
     metadata = eval_metadata(
-        cfg, pipeline_dir, run_meta, names, real_images_dir, prompt_set, prompts, pres_jobs, counts
+        cfg, pipeline_dir, provenance, names, real_images_dir, prompt_set, prompts, pres_jobs, counts
     )
     grids = save_grids(eval_dir, images, pres_images, cfg.images_per_prompt, cfg.grid_cell_size)
     record, metrics_file = write_record(eval_dir, scores, metadata, pres_jobs, list(grids))
@@ -276,7 +283,7 @@ def find_export(run_dir: str | os.PathLike) -> Path:
     if len(named) == 1 or len(found) == 1:
         return (named or found)[0]
     names = ", ".join(p.name for p in found) or "none"
-    raise ConfigError(f"run_dir={str(run_dir)!r}: expected one exported folder with {RUN_INFO}, found {names}.")
+    raise ConfigError(f"run_dir={str(run_dir)!r}: expected one exported folder with {EXPORT_INFO}, found {names}.")
 
 
 def evaluate_from_config(cfg: DictConfig) -> dict:
@@ -294,15 +301,15 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     )
     if cfg.logger.wandb:  # the W&B run's files go to the run folder whatever output_dir says
         check_writable(run_dir / WANDB_DIR, "The run's W&B folder", "pass logger.wandb=null")
-    info = read_run_info(pipeline)
+    info = read_export_info(pipeline)
     saved = saved_run_config(run_dir)
-    run_meta = run_meta_from_config(saved) if saved is not None else {}
-    run_meta.update(OmegaConf.to_container(cfg.run_meta, resolve=True))
+    provenance = provenance_from_config(saved) if saved is not None else {}
+    provenance.update(OmegaConf.to_container(cfg.provenance, resolve=True))
 
     def pick(option: str, *candidates):
         value = next((c for c in candidates if c is not None), None)
         if value is None:
-            raise ConfigError(f"{option} is not in {pipeline / RUN_INFO}: pass {option}=...")
+            raise ConfigError(f"{option} is not in {pipeline / EXPORT_INFO}: pass {option}=...")
         return str(value)
 
     def chosen(key: str):  # what the command line's subject=/identifier= groups set
@@ -335,7 +342,7 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
             class_noun,
             identifier,
             instance_class_noun=noun,
-            run_meta=run_meta,
+            provenance=provenance,
             loggers=loggers,
         )
         succeeded = True

@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.evaluation.protocol import EvalPrompt
 from dreambooth_pl.evaluation.render import ImageJob
-from dreambooth_pl.runs.export import read_run_info
-from dreambooth_pl.runs.files import write_json_atomically
+from dreambooth_pl.runs.export import read_export_info
 from dreambooth_pl.runs.layout import EVAL_DIR, EVAL_HISTORY, EVAL_IMAGES, METRICS_FILE
+from dreambooth_pl.util.files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ def class_noun_condition(class_noun: str, instance_class_noun: str) -> str:
     return "correct" if instance_class_noun.strip() == class_noun.strip() else "wrong"
 
 
-def run_meta_from_config(cfg: DictConfig) -> dict:
-    """How a run was trained, as the report groups runs: pass this as `run_meta` from a training config.
+def provenance_from_config(cfg: DictConfig) -> dict:
+    """How a run was trained, as the report groups runs: pass this as `provenance` from a training config.
 
     Values that cannot be resolved (a `${hydra:...}` outside the run) are left out rather than guessed.
     """
@@ -60,7 +60,7 @@ def model_location(name: str) -> str:
 def eval_metadata(
     cfg: DictConfig,
     pipeline_dir: str | None,
-    run_meta: dict | None,
+    provenance: dict | None,
     names: dict,
     real_images_dir: str,
     prompt_set: str,
@@ -69,20 +69,21 @@ def eval_metadata(
     counts: dict,
 ) -> dict:
     """What was scored and how: `names` the subject, identifier, class noun and instance class noun;
-    `counts` the generated, real and PRES images; `run_meta` how the model was trained (it wins over what
+    `counts` the generated, real and PRES images; `provenance` how the model was trained (it wins over what
     the export's dreambooth.json says)."""
-    run_info = read_run_info(pipeline_dir) if pipeline_dir else {}
+    export_info = read_export_info(pipeline_dir) if pipeline_dir else {}
     generated, real, pres = counts["generated"], counts["real"], counts["pres"]
     return {
-        "method": run_info.get("method", "dreambooth") if run_info else "base",  # no dreambooth.json: not fine-tuned
-        "model": Path(str(run_info.get("base_model", ""))).name or None,
+        # no dreambooth.json: not fine-tuned
+        "method": export_info.get("method", "dreambooth") if export_info else "base",
+        "model": Path(str(export_info.get("base_model", ""))).name or None,
         "prior_enabled": None,
         "prior_weight": None,
         "seed": None,
         "tags": [],
-        "steps": run_info.get("steps"),
-        "base_model": run_info.get("base_model"),
-        **(run_meta or {}),
+        "steps": export_info.get("steps"),
+        "base_model": export_info.get("base_model"),
+        **(provenance or {}),
         **names,
         "class_noun_condition": class_noun_condition(names["class_noun"], names["instance_class_noun"]),
         "pipeline": str(Path(pipeline_dir).resolve()) if pipeline_dir else None,

@@ -1,14 +1,15 @@
 """Rendering the evaluation's images: the plan (file names and seeds of the protocol), the images a model
-draws into `<output_dir>/eval/images/` (reused through `manifest.json`), and the grids of them."""
+draws into `<output_dir>/eval/images/` (reused through `manifest.json`) or a world's `ImageProducer` makes
+instead, and the grids of them."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Protocol
 
 from diffusers import DiffusionPipeline
 from omegaconf import DictConfig
@@ -18,10 +19,10 @@ from dreambooth_pl.evaluation.protocol import SEED_STRIDE, EvalPrompt
 from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.models.pipelines import loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
-from dreambooth_pl.runs.export import read_run_info
-from dreambooth_pl.runs.files import ProcessLock, write_json_atomically
+from dreambooth_pl.runs.export import read_export_info
 from dreambooth_pl.runs.layout import EVAL_LOCK
 from dreambooth_pl.text.prompts import fill_prompt
+from dreambooth_pl.util.files import ProcessLock, write_json_atomically
 from dreambooth_pl.util.images import image_grid, is_readable_image, save_atomically
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def generate_missing(
     model = {
         "pipeline": str(Path(pipeline_dir).resolve()),
         "fingerprint": model_fingerprint(pipeline_dir),
-        "run_info": read_run_info(pipeline_dir),
+        "run_info": read_export_info(pipeline_dir),  # the manifest's key since its first version
     }
     images_dir.mkdir(parents=True, exist_ok=True)
     # One process renders into a folder at a time; another evaluation of the same run waits, then reuses.
@@ -110,12 +111,23 @@ def generate_missing(
         return len(todo)
 
 
-def draw_images(draw: Callable[[str, int], Image.Image], jobs: list[ImageJob], images_dir: Path) -> int:
-    """Every job's image from `draw` (cheap: nothing is reused, and no model manifest applies)."""
+class ImageProducer(Protocol):
+    """What makes a control row's images instead of a model: a world registers it through its `ControlJob`s
+    (reporting/controls.py; the toy world's renderer). Evaluation knows it only by this interface."""
+
+    def __call__(self, prompt: str, seed: int) -> Image.Image:
+        """The image of `prompt` for `seed`, the same every time."""
+
+    def fingerprint(self) -> dict:
+        """What decides its images (its value, the code that draws): its evaluations' cache key (cache.py)."""
+
+
+def produce_images(producer: ImageProducer, jobs: list[ImageJob], images_dir: Path) -> int:
+    """Every job's image from `producer` (cheap: nothing is reused, and no model manifest applies)."""
     images_dir.mkdir(parents=True, exist_ok=True)
     (images_dir / MANIFEST).unlink(missing_ok=True)
     for job in jobs:
-        save_atomically(draw(job.prompt, job.seed), images_dir / job.file)
+        save_atomically(producer(job.prompt, job.seed), images_dir / job.file)
     return len(jobs)
 
 

@@ -25,12 +25,12 @@ from dreambooth_pl.models.hub import check_pretrained, from_pretrained_or_explai
 from dreambooth_pl.runs.export import (
     LORA_WEIGHTS,
     TEXTUAL_INVERSION_WEIGHTS,
-    read_run_info,
+    read_export_info,
     save_pipeline_atomically,
 )
-from dreambooth_pl.runs.files import ProcessLock
 from dreambooth_pl.text.vocab import build_clip_tokenizer, build_t5_tokenizer, clip_vocab_from_bpe, word_vocab
 from dreambooth_pl.util.console import quiet_loading_bars
+from dreambooth_pl.util.files import ProcessLock
 
 log = logging.getLogger(__name__)
 quiet_loading_bars()
@@ -67,7 +67,7 @@ def load_pipeline(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     folder = Path(pretrained)
     if (folder / LORA_WEIGHTS).exists() or (folder / TEXTUAL_INVERSION_WEIGHTS).exists():
-        info = read_run_info(folder)
+        info = read_export_info(folder)
         pipe = load_pipeline(info["base_model"], device, dtype, revision, variant, info.get("base_vae"))
         if (folder / LORA_WEIGHTS).exists():
             pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)

@@ -9,16 +9,18 @@ reporting itself never imports a world.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from PIL import Image
 
 from dreambooth_pl.reporting.records import BASE
 from dreambooth_pl.util.config import PROJECT_ROOT
+
+if TYPE_CHECKING:  # evaluation (diffusers) loads only where a control is evaluated
+    from dreambooth_pl.evaluation.render import ImageProducer
 
 REPORT_CONFIG = PROJECT_ROOT / "conf" / "report" / "sweep.yaml"
 
@@ -42,12 +44,12 @@ BASE_ROW = ControlRow(BASE, "Base model", "{model}, no fine-tuning")
 
 @dataclass(frozen=True)
 class ControlJob:
-    """One control evaluation of a subject: the base model prompted with `identifier` (`draw` None), or
-    images from `draw(prompt, seed)` instead of a model."""
+    """One control evaluation of a subject: the base model prompted with `identifier` (`producer` None), or
+    the images of the world's `producer` (evaluation.render.ImageProducer) instead of a model."""
 
     method: str
     identifier: str
-    draw: Callable[[str, int], Image.Image] | None = None
+    producer: ImageProducer | None = None
 
 
 @dataclass(frozen=True)

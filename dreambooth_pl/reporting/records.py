@@ -28,18 +28,18 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def load_runs(files: list[Path]) -> tuple[list[dict], list[str]]:
+def read_report_rows(files: list[Path]) -> tuple[list[dict], list[str]]:
     """The runs that can be read, and a line for each file that cannot."""
     runs, damaged = [], []
     for path in files:
         try:
-            runs.append(load_run(path))
+            runs.append(read_report_row(path))
         except ReportInputError as err:
             damaged.append(f"{err}: left out; evaluate the run again")
     return runs, damaged
 
 
-def load_run(path: Path) -> dict:
+def read_report_row(path: Path) -> dict:
     """One flat row: the metadata the report groups by, the metrics and where the run's grid is.
     `control` is true for a row nothing was trained for (the base model, or one its evaluation says is)."""
     try:

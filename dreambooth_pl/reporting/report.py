@@ -18,7 +18,7 @@ from pathlib import Path
 from dreambooth_pl.reporting.controls import World, configured_worlds, control_rows, mark_controls
 from dreambooth_pl.reporting.figures import DRIFT_FILE, drift_markdown, language_drift_grid
 from dreambooth_pl.reporting.gaps import sweep_gaps
-from dreambooth_pl.reporting.records import find_metrics, load_runs
+from dreambooth_pl.reporting.records import find_metrics, read_report_rows
 from dreambooth_pl.reporting.render import (
     KEY_COLUMNS,
     column_labels,
@@ -38,7 +38,7 @@ from dreambooth_pl.util.images import save_atomically
 
 def read_runs(paths: Sequence[str | Path], worlds: Sequence[World] = ()) -> tuple[list[dict], list[str]]:
     """The evaluated runs under `paths`, the worlds' control rows marked, and a line per damaged file."""
-    runs, damaged = load_runs(find_metrics(paths))
+    runs, damaged = read_report_rows(find_metrics(paths))
     return mark_controls(runs, control_rows(worlds)), damaged
 
 

@@ -59,13 +59,13 @@ class SweepReport(Callback):
             for job in jobs:
                 evaluate_cached(
                     self.cache_dir,
-                    base_model if job.draw is None else None,
+                    base_model if job.producer is None else None,
                     str(sweep_dir / job.method / subject),
                     eval_cfg,
                     run["real_images_dir"],
                     subject,
                     run["class_noun"],
                     job.identifier,
-                    run_meta={"method": job.method, "model": model, "steps": 0, "control": True},
-                    draw=job.draw,
+                    provenance={"method": job.method, "model": model, "steps": 0, "control": True},
+                    producer=job.producer,
                 )

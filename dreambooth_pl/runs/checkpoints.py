@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dreambooth_pl.util.config import ConfigError
-from dreambooth_pl.runs.files import atomic_file
+from dreambooth_pl.util.files import atomic_file
 
 log = logging.getLogger(__name__)
 

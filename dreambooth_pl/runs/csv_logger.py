@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from dreambooth_pl.runs.files import atomic_file
+from dreambooth_pl.util.files import atomic_file
 
 
 class _ResumingWriter(ExperimentWriter):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_pl.runs.files import DiskFull, disk_use, umask_mode
-from dreambooth_pl.runs.layout import RUN_INFO
+from dreambooth_pl.runs.layout import EXPORT_INFO
+from dreambooth_pl.util.files import DiskFull, disk_use, umask_mode
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # method.export_kohya: the SDXL scripts' name
@@ -24,7 +24,7 @@ STAGING, PREVIOUS = "staging", "previous"
 
 
 def write_dir_atomically(
-    target: str | os.PathLike, write: Callable[[Path], None], run_info: dict | None = None
+    target: str | os.PathLike, write: Callable[[Path], None], export_info: dict | None = None
 ) -> Path:
     """Fill a sibling staging folder, then swap it in: at every instant `target` is the whole old folder
     or the whole new one, never half of either.
@@ -44,8 +44,8 @@ def write_dir_atomically(
             if err.errno == errno.ENOSPC and not isinstance(err, DiskFull):
                 raise DiskFull(target, disk_use(staging)) from None
             raise
-        if run_info is not None:
-            (staging / RUN_INFO).write_text(json.dumps(run_info, indent=2))
+        if export_info is not None:
+            (staging / EXPORT_INFO).write_text(json.dumps(export_info, indent=2))
         umask_mode(staging)
         if target.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-{PREVIOUS}-", dir=target.parent))
@@ -83,13 +83,13 @@ def recover_leftovers(target: str | os.PathLike) -> None:
 
 
 def save_pipeline_atomically(
-    pipe: StableDiffusionPipeline, target: str | os.PathLike, run_info: dict | None = None
+    pipe: StableDiffusionPipeline, target: str | os.PathLike, export_info: dict | None = None
 ) -> Path:
     return write_dir_atomically(
-        target, lambda staging: pipe.save_pretrained(staging, safe_serialization=True), run_info
+        target, lambda staging: pipe.save_pretrained(staging, safe_serialization=True), export_info
     )
 
 
-def read_run_info(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / RUN_INFO
+def read_export_info(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / EXPORT_INFO
     return json.loads(path.read_text()) if path.exists() else {}

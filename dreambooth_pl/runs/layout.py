@@ -35,7 +35,7 @@ TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"  # the default; the config's callbacks.checkpoint.dirpath decides
 LAST_GOOD_CHECKPOINT = "last-good.ckpt"  # the weights before a non-finite loss
 
-RUN_INFO = "dreambooth.json"  # in an export folder: what the model was trained from and how
+EXPORT_INFO = "dreambooth.json"  # in an export folder: what the model was trained from and how
 PIPELINE = "pipeline"  # a fine-tuned pipeline's export (also a LoRA merged into one)
 LORA_DIR = "lora"  # a LoRA's adapters
 TEXTUAL_INVERSION_DIR = "textual_inversion"  # a learned embedding
@@ -82,8 +82,8 @@ def wandb_run_file(save_dir: str | Path) -> Path:
 
 
 def exports(run_dir: str | Path) -> list[Path]:
-    """The export folders of a run: its subfolders holding a RUN_INFO."""
-    return sorted(path.parent for path in Path(run_dir).glob(f"*/{RUN_INFO}"))
+    """The export folders of a run: its subfolders holding a EXPORT_INFO."""
+    return sorted(path.parent for path in Path(run_dir).glob(f"*/{EXPORT_INFO}"))
 
 
 def checkpoint_dir(cfg: DictConfig, output_dir: str | Path) -> Path:

@@ -25,7 +25,6 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from dreambooth_pl.runs.files import ProcessLock
 from dreambooth_pl.runs.layout import (
     HYDRA_DIR,
     HYDRA_HISTORY,
@@ -44,6 +43,7 @@ from dreambooth_pl.runs.run_folders import (
     path_roots,
 )
 from dreambooth_pl.util.config import CONF_DIR, ConfigError, exit_on_config_error
+from dreambooth_pl.util.files import ProcessLock
 
 log = logging.getLogger(__name__)
 

@@ -23,17 +23,17 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dreambooth_pl.runs.files import check_writable
-from dreambooth_pl.runs.layout import CHECKPOINTS, HYDRA_DIR, MULTIRUN, REWRITTEN, RUN_INFO, RUN_LOCK
+from dreambooth_pl.runs.layout import CHECKPOINTS, EXPORT_INFO, HYDRA_DIR, MULTIRUN, REWRITTEN, RUN_LOCK
 from dreambooth_pl.runs.records import select
 from dreambooth_pl.util.config import CONF_DIR, PROJECT_ROOT, ConfigError, EnvironmentRead
+from dreambooth_pl.util.files import check_writable
 
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 PLAIN_KEY = re.compile(r"[A-Za-z_][\w]*(\.[\w]+)*")
 RUN_FOLDER_VALUES = ("${paths.output_dir}", "${hydra:runtime.output_dir}")  # a project value under the run folder
 # the project's own folders: no run, sweep or paths.log_dir in or around them
 SHIPPED = ("conf", "dreambooth_pl", "toyworld", "tests", "docs", "notebooks", ".git")
-TRAINED = (f"{CHECKPOINTS}/*.ckpt", f"*/{RUN_INFO}")  # what a second run in the folder would overwrite
+TRAINED = (f"{CHECKPOINTS}/*.ckpt", f"*/{EXPORT_INFO}")  # what a second run in the folder would overwrite
 
 
 def _leaves(cfg: DictConfig | ListConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig | ListConfig, Any]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from dreambooth_pl.util.config import exit_on_config_error
 from dreambooth_pl.toyworld.pretrain import build
+from dreambooth_pl.util.config import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="toyworld")

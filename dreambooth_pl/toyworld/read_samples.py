@@ -24,9 +24,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from dreambooth_pl.evaluation.metrics import DinoEmbedder, Preprocess, SubjectFidelity
-from dreambooth_pl.runs.export import RUN_INFO, read_run_info
+from dreambooth_pl.runs.export import EXPORT_INFO, read_export_info
 from dreambooth_pl.toyworld import scenes
-from dreambooth_pl.toyworld.pretrain import CaptionReader
+from dreambooth_pl.toyworld.probe import CaptionReader
 from dreambooth_pl.util.images import list_images, load_rgb
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -125,11 +125,11 @@ def load_samples(folder: Path) -> tuple[list[Image.Image], list[str]]:
 
 def photos_of_run(run_dir: Path) -> str:
     """The photos the run trained on, as its export's dreambooth.json records them."""
-    for info_file in sorted(run_dir.glob(f"*/{RUN_INFO}")):
-        info = read_run_info(info_file.parent)
+    for info_file in sorted(run_dir.glob(f"*/{EXPORT_INFO}")):
+        info = read_export_info(info_file.parent)
         if info.get("instance_dir"):
             return info["instance_dir"]
-    raise FileNotFoundError(f"no exported model with a {RUN_INFO} naming its photos in {run_dir}: pass --real")
+    raise FileNotFoundError(f"no exported model with a {EXPORT_INFO} naming its photos in {run_dir}: pass --real")
 
 
 def table(readings: Sequence[Reading]) -> str:

@@ -10,6 +10,7 @@ attribute words of its base-model control.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import zlib
 from collections.abc import Sequence
@@ -123,6 +124,12 @@ class GroundTruth:
         proportions, fixed per subject): what a model scores that gets everything right but the subject."""
         rng = np.random.default_rng(zlib.crc32(repr(self.instance).encode()))
         return dataclasses.replace(self, instance=scenes.lookalike(rng, self.instance, "all three"))
+
+    def fingerprint(self) -> dict:
+        """Its value (the dataclass's repr) and the source of the toy world that draws it: the key of its cached
+        evaluations (evaluation.render.ImageProducer)."""
+        code = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+        return {"draw": repr(self), "code": hashlib.sha256(code).hexdigest()[:16]}
 
     def __call__(self, prompt: str, seed: int) -> Image.Image:
         rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ import torch
 from dreambooth_pl.models.hub import model_fingerprint
 from dreambooth_pl.models.pipelines import loaded_pipeline
 from dreambooth_pl.models.sampling import SamplerSettings, render
-from dreambooth_pl.runs.files import ProcessLock, write_json_atomically
+from dreambooth_pl.util.files import ProcessLock, write_json_atomically
 from dreambooth_pl.util.images import is_readable_image, save_atomically
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ class FineTuneMethod:
 
     export_dirname = PIPELINE
     trains_adapters = False  # whether the base weights stay frozen (a 4-bit base needs that)
+    learns_token_only = False  # whether only a new token's embedding learns (a family may refuse that)
 
     def __init__(self, name: str = "dreambooth", train_text_encoder: bool = False):
         self.name = name
@@ -56,7 +57,7 @@ class FineTuneMethod:
     def after_optimizer_step(self, module) -> None:
         """Hook for methods that constrain their parameters after each update."""
 
-    def export(self, module, output_dir: Path, run_info: dict, dtype: str | None = None) -> Path:
+    def export(self, module, output_dir: Path, export_info: dict, dtype: str | None = None) -> Path:
         """The base model as published (its frozen weights, its inference scheduler) with the learned weights
         copied in, in `dtype` (export.dtype; None: the base's stored dtype, so a bf16 base is not doubled):
         under half-precision training the module holds rounded copies of the frozen parts and a training
@@ -64,7 +65,7 @@ class FineTuneMethod:
         pipe = base_pipeline(module, dtype)
         for name in [module.denoiser_name, *self.text_encoders_trained(module)]:
             getattr(pipe, name).load_state_dict(getattr(module, name).state_dict())
-        return save_pipeline_atomically(pipe, output_dir / self.export_dirname, run_info)
+        return save_pipeline_atomically(pipe, output_dir / self.export_dirname, export_info)
 
 
 def base_pipeline(module, dtype: str | None = None):
@@ -76,10 +77,10 @@ def base_pipeline(module, dtype: str | None = None):
     return load_pipeline(base.pretrained, "cpu", dtype, base.revision, base.variant, base.vae)
 
 
-def with_base_vae(run_info: dict, module) -> dict:
+def with_base_vae(export_info: dict, module) -> dict:
     """Adapter and embedding exports load on top of the base model: they name its separate VAE, if any."""
     vae = module.hparams.get("vae")
-    return {**run_info, "base_vae": vae} if vae else run_info
+    return {**export_info, "base_vae": vae} if vae else export_info
 
 
 def transformers4_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,21 +167,21 @@ class LoRA(FineTuneMethod):
             peft = {f"{name}.{key}": value for name, state in layers.items() for key, value in state.items()}
             save_file(convert_state_dict_to_kohya(peft), staging / LORA_KOHYA_WEIGHTS)
 
-    def export(self, module, output_dir: Path, run_info: dict, dtype: str | None = None) -> Path:
+    def export(self, module, output_dir: Path, export_info: dict, dtype: str | None = None) -> Path:
         """The adapters in fp32 (as the diffusers scripts save them); `dtype` is the merged pipeline's."""
         trained = [module.denoiser_name, *self.text_encoders_trained(module)]
         layers = {name: self.lora_state(getattr(module, name)) for name in trained}
         target = write_dir_atomically(
             output_dir / self.export_dirname,
             lambda staging: self.write_lora_files(staging, module.family, layers),
-            with_base_vae(run_info, module),
+            with_base_vae(export_info, module),
         )
         if self.export_merged:
             merged = base_pipeline(module, dtype)
             merged.load_lora_weights(str(target), weight_name=LORA_WEIGHTS)
             merged.fuse_lora()
             merged.unload_lora_weights()
-            save_pipeline_atomically(merged, output_dir / PIPELINE, run_info)
+            save_pipeline_atomically(merged, output_dir / PIPELINE, export_info)
         return target
 
 
@@ -189,6 +190,7 @@ class TextualInversion(FineTuneMethod):
     encoder where the model has several: SDXL)."""
 
     export_dirname = TEXTUAL_INVERSION_DIR
+    learns_token_only = True
 
     def __init__(self, name: str = "textual_inversion", placeholder: str = "<{identifier}>", initializer: str = ""):
         super().__init__(name, train_text_encoder=False)
@@ -237,7 +239,7 @@ class TextualInversion(FineTuneMethod):
             with torch.no_grad():
                 embeddings[keep] = self.original_embeddings[name].to(embeddings)[keep]
 
-    def export(self, module, output_dir: Path, run_info: dict, dtype: str | None = None) -> Path:
+    def export(self, module, output_dir: Path, export_info: dict, dtype: str | None = None) -> Path:
         """The learned vectors in fp32, whatever `dtype` (they are loaded into the pipeline's own)."""
         vectors = {
             name: encoder.get_input_embeddings().weight[self.token_ids[name]].detach().float().cpu().clone()
@@ -252,5 +254,5 @@ class TextualInversion(FineTuneMethod):
         return write_dir_atomically(
             output_dir / self.export_dirname,
             write,
-            {**with_base_vae(run_info, module), "placeholder": self.placeholder},
+            {**with_base_vae(export_info, module), "placeholder": self.placeholder},
         )

@@ -19,22 +19,20 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dreambooth_pl.evaluation.evaluate import Scorers, load_readers, score
-from dreambooth_pl.evaluation.protocol import SEED_STRIDE, EvalPrompt
+from dreambooth_pl.evaluation.protocol import EvalPrompt
 from dreambooth_pl.evaluation.render import plan_images
 from dreambooth_pl.models.sampling import SamplerSettings, render
-from dreambooth_pl.runs.files import atomic_file
 from dreambooth_pl.runs.layout import TRADEOFF_FIGURE, VALIDATION_CURVE, VALIDATION_DIR, VALIDATION_SELECTED
-from dreambooth_pl.text.prompts import check_template, fill_prompt, require_identifier
-from dreambooth_pl.util.config import ConfigError, non_finite
+from dreambooth_pl.text.prompts import fill_prompt
+from dreambooth_pl.util.files import atomic_file
 from dreambooth_pl.util.images import image_grid, list_images, load_rgb, save_atomically
 from dreambooth_pl.util.tradeoff_plot import PlotCurve, tradeoff_plot
 
 log = logging.getLogger(__name__)
 
-SUBJECT_METRICS = ("dino", "clip_i")
 RULE = (
     "the trained step with the highest {metric} among those whose CLIP-T is at least the base model's (step 0) "
     "minus {drop}; ties go to the earlier step; when no trained step is that close, the trained step with the "
@@ -58,60 +56,6 @@ def select_step(rows: list[dict], metric: str = "dino", max_clip_t_drop: float =
         return best["step"], f"highest {metric} of {len(within)} trained steps with CLIP-T >= {floor:.4f}"
     best = max(trained, key=lambda r: r["clip_t"])
     return best["step"], f"no trained step has CLIP-T >= {floor:.4f}: the highest CLIP-T"
-
-
-def validation_problems(cfg: DictConfig) -> list[str]:
-    """Every validation option checked before any work (train.py: before class images and training)."""
-    v = cfg.validation
-    problems = non_finite(v, "validation")
-    if v.select not in ("best", "last"):
-        problems.append(f"validation.select={v.select!r}: use best or last")
-    if not 1 <= v.every_n_steps <= cfg.trainer.max_steps:
-        problems.append(
-            f"validation.every_n_steps={v.every_n_steps} must be between 1 and "
-            f"trainer.max_steps={cfg.trainer.max_steps}"
-        )
-    if not 1 <= v.images_per_prompt <= SEED_STRIDE:
-        problems.append(f"validation.images_per_prompt={v.images_per_prompt} must be between 1 and {SEED_STRIDE}")
-    if v.rule.subject_metric not in SUBJECT_METRICS:
-        problems.append(f"validation.rule.subject_metric={v.rule.subject_metric!r}: use dino or clip_i")
-    if not v.rule.max_clip_t_drop >= 0:
-        problems.append(f"validation.rule.max_clip_t_drop={v.rule.max_clip_t_drop} must be >= 0")
-    if v.pres.num_images < 0:
-        problems.append(f"validation.pres.num_images={v.pres.num_images} must be >= 0 (0: no PRES)")
-    for option in ("sampler.num_inference_steps", "sampler.batch_size", "embed_batch_size"):
-        if OmegaConf.select(v, option) < 1:
-            problems.append(f"validation.{option}={OmegaConf.select(v, option)} must be >= 1")
-    if v.sampler.resolution < 8 or v.sampler.resolution % 8:
-        problems.append(f"validation.sampler.resolution={v.sampler.resolution} must be a positive multiple of 8")
-    for option in ("seed", "pres.seed"):
-        if not 0 <= OmegaConf.select(v, option) < 2**32:
-            problems.append(f"validation.{option}={OmegaConf.select(v, option)} must be between 0 and 2**32 - 1")
-    if cfg.module.get("free_text_encoders"):
-        problems.append("validation.enabled=true renders with the text encoders: module.free_text_encoders drops them")
-    if v.real_images_dir:
-        try:
-            list_images(v.real_images_dir, option="validation.real_images_dir")  # a missing or empty folder
-        except ConfigError as err:
-            problems.append(str(err))
-    return problems + prompt_problems(v.prompts)
-
-
-def prompt_problems(prompts) -> list[str]:
-    if not isinstance(prompts, ListConfig) or not prompts:
-        return [f"validation.prompts={prompts!r} must be a non-empty list of prompt templates"]
-    problems = []
-    for i, template in enumerate(prompts):
-        option = f"validation.prompts[{i}]"
-        if not isinstance(template, str) or not template.strip():
-            problems.append(f"{option}={template!r} must be a prompt template (text with {{identifier}})")
-            continue
-        try:
-            check_template(template, option)
-            require_identifier(template, option)
-        except ConfigError as err:
-            problems.append(str(err))
-    return problems
 
 
 def validation_prompts(cfg: DictConfig, identifier: str, class_noun: str) -> list[EvalPrompt]:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from dreambooth_pl.util.config import ConfigError
-from dreambooth_pl.runs.files import atomic_file
+from dreambooth_pl.util.files import atomic_file
 
 log = logging.getLogger(__name__)
 

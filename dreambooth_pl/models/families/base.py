@@ -11,8 +11,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import CLIPTokenizer
 
 from dreambooth_pl.models.hub import check_pretrained, from_pretrained_or_explain
+from dreambooth_pl.models.objectives import NoisePrediction
 from dreambooth_pl.runs.export import TEXTUAL_INVERSION_WEIGHTS
-from dreambooth_pl.training.losses import NoisePrediction
 
 
 @dataclass

@@ -14,7 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from transformers import CLIPTextModel, T5EncoderModel, T5Tokenizer
 
 from dreambooth_pl.models.families.base import ModelFamily, PromptEmbeddings
-from dreambooth_pl.training.losses import FlowMatching
+from dreambooth_pl.models.objectives import FlowMatching
 
 NO_TEXTUAL_INVERSION = (
     "method=textual_inversion is not offered for {family}: its pipeline conditions every image token on "

@@ -15,8 +15,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from dreambooth_pl.runs.export import TEXTUAL_INVERSION_WEIGHTS
 from dreambooth_pl.models.families.base import ModelFamily, PromptEmbeddings
+from dreambooth_pl.runs.export import TEXTUAL_INVERSION_WEIGHTS
 
 # The second encoder's learned embedding, beside TEXTUAL_INVERSION_WEIGHTS (the first encoder's)
 TEXTUAL_INVERSION_WEIGHTS_2 = "learned_embeds_2.safetensors"
