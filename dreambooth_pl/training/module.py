@@ -88,18 +88,10 @@ class DreamBoothModule(L.LightningModule):
         method = method or FineTuneMethod()
         module_problems(quantize_base, method.trains_adapters)
         self.family = get_family(family, **(family_options or {}))
-        parts = self.family.load_components(pretrained, revision, variant, vae, quantized_denoiser(quantize_base))
-        self.denoiser_name = self.family.denoiser_name
-        setattr(self, self.denoiser_name, parts.denoiser)
-        self.vae = parts.vae
-        # Text encoders are attributes under their pipeline names (text_encoder, text_encoder_2, ...), so
-        # checkpoint keys and exports use the names the family's pipeline uses.
-        self.text_encoder_names = list(parts.text_encoders)
-        for name, encoder in parts.text_encoders.items():
-            setattr(self, name, encoder)
-        self.tokenizers = parts.tokenizers
-        self.noise_scheduler = parts.noise_scheduler
-        self.objective = self.family.objective(parts.noise_scheduler, snr_gamma, **(objective or {}))
+        self._attach_components(
+            self.family.load_components(pretrained, revision, variant, vae, quantized_denoiser(quantize_base))
+        )
+        self.objective = self.family.objective(self.noise_scheduler, snr_gamma, **(objective or {}))
         self.optimizer_factory = optimizer
         self.text_encoder_lr = text_encoder_lr
         self.text_encoder_weight_decay = text_encoder_weight_decay
@@ -127,14 +119,7 @@ class DreamBoothModule(L.LightningModule):
                 "(method.train_text_encoder=false)."
             )
         self.vae.eval()
-        if channels_last:
-            self.denoiser.to(memory_format=torch.channels_last)
-        if compile_unet:
-            self.denoiser.compile()  # in place: parameter names, checkpoints and export are unchanged
-        if gradient_checkpointing:
-            self.denoiser.enable_gradient_checkpointing()
-            for name in self.learning_text_encoders:
-                enable_text_encoder_checkpointing(self.text_encoders[name])
+        self._speed_options(channels_last, compile_unet, gradient_checkpointing)
         # Only what learns goes into checkpoints (the rest comes from `pretrained`), so load non-strictly.
         self.strict_loading = False
         # Training noise, timesteps and latent samples come from this generator alone; its state travels
@@ -143,6 +128,28 @@ class DreamBoothModule(L.LightningModule):
         self.noise_generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self._accumulated: dict[str, torch.Tensor] = {}
+
+    def _attach_components(self, parts) -> None:
+        """Text encoders are attributes under their pipeline names (text_encoder, text_encoder_2, ...), so
+        checkpoint keys and exports use the names the family's pipeline uses."""
+        self.denoiser_name = self.family.denoiser_name
+        setattr(self, self.denoiser_name, parts.denoiser)
+        self.vae = parts.vae
+        self.text_encoder_names = list(parts.text_encoders)
+        for name, encoder in parts.text_encoders.items():
+            setattr(self, name, encoder)
+        self.tokenizers = parts.tokenizers
+        self.noise_scheduler = parts.noise_scheduler
+
+    def _speed_options(self, channels_last: bool, compile_unet: bool, gradient_checkpointing: bool) -> None:
+        if channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.denoiser.compile()  # in place: parameter names, checkpoints and export are unchanged
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+            for name in self.learning_text_encoders:
+                enable_text_encoder_checkpointing(self.text_encoders[name])
 
     @property
     def denoiser(self) -> torch.nn.Module:
