@@ -135,6 +135,16 @@ def quiet_console() -> None:
     quiet_libraries()
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_service_left_behind():
+    """wandb names its service's socket in WANDB_SERVICE for child processes and leaves it set: a later
+    test's subprocess (train.py, evaluate) would try to reach a service that has shut down."""
+    before = os.environ.get("WANDB_SERVICE")
+    yield
+    if before is None:
+        os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache for the session: the tiny model is built once and class images are shared."""
