@@ -1,8 +1,9 @@
-"""Multi-process training and cluster sweeps, on CPU: DDP with 2 gloo processes, SLURM and joblib launchers."""
+"""Multi-process training and cluster sweeps, on CPU: DDP with 2 gloo processes, SLURM and side-by-side launchers."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,8 @@ from safetensors.torch import load_file
 
 from dreambooth_pl.training.module import DreamBoothModule
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
+from tests.test_evaluate import QUICK
+from tests.test_faults import train_py as faults_train_py
 
 
 class SampleSeededModule(DreamBoothModule):
@@ -200,29 +203,47 @@ def test_fsdp_config_builds_the_strategy():
     assert cfg.trainer.precision == "32-true" and cfg.trainer.gradient_clip_val is None
 
 
-@pytest.mark.slow
-@needs_dataset
-def test_joblib_sweep_runs_jobs_in_parallel(tmp_path, cache_dir):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep = tmp_path / "sweep"
-    train_py(
-        [
-            "-m",
-            *FAST,
-            "prior.weight=0,1",
-            "trainer.max_steps=2",
-            "export.samples.prompts=[]",
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
-            f"hydra.sweep.dir={sweep}",
-            f"paths.cache_dir={cache_dir}",
-            f"paths.dreambooth_root={DREAMBOOTH_ROOT}",
-        ],
-        cwd=tmp_path,
+def toy_sweep_numbers(tmp_path: Path, name: str, *launcher: str) -> tuple[str, dict[str, bytes]]:
+    """A cut-down experiment=toy_paper sweep: 2 rows x (a refused setting, 2 steps), evaluated, with its
+    report and control rows; its console output and every number it wrote (jobs' and controls' metrics, the
+    report's tables), by file."""
+    sweep = tmp_path / name
+    command = ["-m", "experiment=toy_paper", "subject=heldout_teapot", "toy_row=dreambooth,lora"]
+    command += ["trainer.max_steps=0,2", "logger=none", "prior.num_images=2", "sampler.num_inference_steps=2"]
+    command += ["callbacks.samples.every_n_steps=0", "validation.enabled=false", "export.samples.prompts=[]"]
+    command += [*QUICK, "eval.images_per_prompt=2", f"hydra.sweep.dir={sweep}"]
+    command += [f"paths.cache_dir={tmp_path / f'{name}-cache'}", *launcher]  # each sweep makes everything itself
+    output = faults_train_py(command, tmp_path, expect=1)
+    numbers = {
+        str(path.relative_to(sweep)): json.dumps(
+            {k: json.loads(path.read_text())[k] for k in ("metrics", "per_prompt")}
+        )
+        for path in sweep.glob("**/eval/metrics.json")
+    }
+    numbers |= {f"report/{f}": (sweep / "report" / f).read_text() for f in ("table1.csv", "table3.csv", "paired.csv")}
+    return output, numbers
+
+
+@pytest.mark.slow  # two sweeps of 4 jobs with their control rows: about 70 s on 2 busy cores
+def test_a_sweep_side_by_side_gives_the_numbers_of_one_after_another(tmp_path):
+    """hydra/launcher=cpu_parallel runs a sweep's jobs in joblib's worker processes: the jobs' metrics, the
+    control rows and the report's tables are those of the basic launcher, to the last digit, and the refused
+    jobs are recorded and named the same way; each console line from a job names it."""
+    basic, expected = toy_sweep_numbers(tmp_path, "basic")
+    side_by_side, numbers = toy_sweep_numbers(
+        tmp_path, "parallel", "hydra/launcher=cpu_parallel", "hydra.launcher.n_jobs=2"
     )
-    for job, weight in (("0", "prior.weight=0"), ("1", "prior.weight=1")):
-        assert (sweep / job / "pipeline" / "model_index.json").exists()
-        assert weight in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+    assert "Joblib.Parallel(n_jobs=2," in side_by_side and "Joblib" not in basic
+    jobs = sorted(k.split("/")[0] for k in expected if k.endswith("metrics.json") and k[0].isdigit())
+    assert jobs == ["1", "3"] and len(expected) == 2 + 4 + 3  # trained jobs, control rows, tables
+    assert numbers == expected
+    for job, row in (("0", "dreambooth"), ("2", "lora")):
+        swept = f"subject=heldout_teapot seed=100 toy_row={row} trainer.max_steps=0"
+        failure = f"\n  job {job} ({swept}): Invalid config: trainer.max_steps=0 must be >= 1"
+        assert failure in basic and failure in side_by_side
+    assert f"[sweep] 2 job(s) of {tmp_path / 'parallel'} failed:" in side_by_side
+    assert re.search(r"^\[job 3\]\[.*\] - Eval of heldout_teapot: ", side_by_side, re.M)
+    assert not re.search(r"^\[job \d", basic, re.M)
 
 
 @pytest.mark.slow
