@@ -252,7 +252,8 @@ def test_ddp_resumes_mid_epoch_to_the_same_weights(tmp_path, cache_dir):
 
 
 class SigtermRankZero(SigtermAt):
-    """SIGTERM to rank 0 alone; Lightning's launcher forwards it to the other ranks, which see it later."""
+    """SIGTERM to rank 0 alone (as `kill <pid>` would): rank 0 forwards it to the ranks it started, which see it
+    later, so where they stop is up to the ranks' agreement."""
 
     def fire(self, trainer, hook):
         if trainer.is_global_zero:
@@ -278,7 +279,7 @@ def test_ddp_sigterm_inside_an_accumulation_window_resumes_to_the_same_weights(t
     ]
     train_py([*common, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
     # Step 1's first batch: the signal lands after the window's first micro-batch of 2.
-    signal = f"+callbacks.sigterm={{_target_:tests.test_distributed.SigtermRankZero,step:1,hook:on_train_batch_start}}"
+    signal = "+callbacks.sigterm={_target_:tests.test_distributed.SigtermRankZero,step:1,hook:on_train_batch_start}"
     stopped = train_py([*common, signal, f"hydra.run.dir={tmp_path / 'stopped'}"], tmp_path, returncode=143)
     checkpoint = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 1, stopped.stderr[-3000:]
