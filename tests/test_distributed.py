@@ -21,6 +21,7 @@ from dreambooth_pl.training.module import DreamBoothModule
 from tests.conftest import DREAMBOOTH_ROOT, FAST, REPO, needs_dataset
 from tests.test_evaluate import QUICK
 from tests.test_faults import train_py as faults_train_py
+from tests.test_sigterm import SigtermAt
 
 
 class SampleSeededModule(DreamBoothModule):
@@ -74,12 +75,12 @@ COMPARABLE = [
 ]
 
 
-def train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def train_py(args: list[str], cwd: Path, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cwd.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(REPO / "train.py"), *args]
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -269,3 +270,45 @@ def test_ddp_resumes_mid_epoch_to_the_same_weights(tmp_path, cache_dir):
     train_py([*common, f"ckpt_path='{checkpoint}'", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path)
     a, b = (unet_weights(tmp_path / run / "pipeline") for run in ("straight", "resumed"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0
+
+
+class SigtermRankZero(SigtermAt):
+    """SIGTERM to rank 0 alone (as `kill <pid>` would): rank 0 forwards it to the ranks it started, which see it
+    later, so where they stop is up to the ranks' agreement."""
+
+    def fire(self, trainer, hook):
+        if trainer.is_global_zero:
+            super().fire(trainer, hook)
+
+
+@pytest.mark.slow
+@needs_dataset
+def test_ddp_sigterm_inside_an_accumulation_window_resumes_to_the_same_weights(tmp_path, cache_dir):
+    """Each rank's partial gradient sums of the open window travel in the checkpoint, and the ranks stop at
+    the same batch: the resumed 2-process run ends with the uninterrupted run's weights, bit for bit."""
+    common = [
+        *FAST,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=3",
+        "trainer.accumulate_grad_batches=2",  # 2 batches a rank an epoch: one window an epoch
+        "export.samples.prompts=[]",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.dreambooth_root={DREAMBOOTH_ROOT}",
+    ]
+    train_py([*common, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
+    # Step 1's first batch: the signal lands after the window's first micro-batch of 2.
+    signal = "+callbacks.sigterm={_target_:tests.test_distributed.SigtermRankZero,step:1,hook:on_train_batch_start}"
+    stopped = train_py([*common, signal, f"hydra.run.dir={tmp_path / 'stopped'}"], tmp_path, returncode=143)
+    checkpoint = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 1, stopped.stderr[-3000:]
+    assert checkpoint["accumulated_gradients"]  # one row per rank: the ranks' sums differ
+    grads = next(iter(checkpoint["accumulated_gradients"].values()))
+    assert grads.shape[0] == 2 and not torch.equal(grads[0], grads[1])
+    resume = f"ckpt_path='{tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}'"
+    train_py([*common, resume, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path)
+    a, b = (unet_weights(tmp_path / run / "pipeline") for run in ("straight", "resumed"))
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, first {different[0]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,28 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(self, dirpath: str, filename: str = "last", exit_code: int = 143):
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.exit_code = exit_code
+        self._signalled = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under DDP, replace Lightning's SIGTERM handler (registered before this hook) with one that only
+        notes the signal. Lightning's issues a broadcast from inside the handler, which can pair with whatever
+        collective the other ranks are in, and its end-of-batch check reads each rank's own flag, so ranks that
+        see the signal a batch apart stop a batch apart; the ranks then agree in `on_train_batch_end`."""
+        if trainer.world_size == 1:
+            return
+        launcher = trainer.strategy.launcher
+
+        def note(signum, frame) -> None:
+            if not self._signalled and launcher is not None:
+                launcher.kill(signum)  # rank 0 passes it on to the ranks it started, as Lightning's does
+            self._signalled = True
+
+        signal.signal(signal.SIGTERM, note)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        # One all-reduce a batch: a signal seen by any rank stops every rank at the end of this same batch.
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):

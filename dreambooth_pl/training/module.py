@@ -228,7 +228,10 @@ class DreamBoothModule(L.LightningModule):
             self._generator_state = None
         for name, param in self.named_parameters():
             if name in self._accumulated:
-                param.grad = self._accumulated[name].to(param.device, param.dtype)
+                grad = self._accumulated[name]
+                if self.trainer.world_size > 1:
+                    grad = grad[self.global_rank]  # this rank's own partial sums (DDP's bucket copies them in)
+                param.grad = grad.to(param.device, param.dtype)
         self._accumulated = {}
 
     def train(self, mode: bool = True):
@@ -355,10 +358,14 @@ class DreamBoothModule(L.LightningModule):
             if self.trainer.world_size > 1:
                 state = self.all_gather(state.to(self.device)).cpu()
             checkpoint["noise_generator_state"] = state
-        if self.trainer.world_size == 1 and self.trainer.fit_loop.epoch_loop._should_accumulate():
+        if self.trainer.fit_loop.epoch_loop._should_accumulate():
             # Stopped inside a gradient-accumulation window (SIGTERM): the window's gradients so far, which the
-            # resumed run adds to before its optimizer step.
+            # resumed run adds to before its optimizer step. Under DDP's no_sync each rank holds its own partial
+            # sums: one row per rank, gathered on all ranks together like the noise-generator states.
+            # (DDP runs with find_unused_parameters=false: every rank holds a gradient for the same parameters.)
             grads = {name: p.grad for name, p in self.named_parameters() if p.requires_grad and p.grad is not None}
+            if self.trainer.world_size > 1:
+                grads = {name: self.all_gather(grad).cpu() for name, grad in grads.items()}
             checkpoint["accumulated_gradients"] = grads
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
